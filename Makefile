@@ -1,0 +1,34 @@
+# Two entry points (see README): `make run` and `make test`. Both set up .venv if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format foundation viz benchmarks clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/kedro run
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+foundation: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/kedro run --pipeline foundation
+
+viz: $(STAMP)
+	$(BIN)/kedro viz build
+
+lint format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

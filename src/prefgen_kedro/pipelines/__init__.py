@@ -1,0 +1,1 @@
+"""Kedro pipelines: thin wiring from the catalog to the library functions."""

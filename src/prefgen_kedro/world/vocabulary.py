@@ -1,0 +1,171 @@
+"""The agent world's vocabulary: subjects (the prompt's content) and 48 style attributes.
+
+Every image shows one subject and exactly one attribute of each category, so every
+attribute of every image is known, which gives the evaluation an exact preference oracle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+# Bump when the pictures for the same (subject, attributes, seed) change: the shipped
+# foundation models were trained on renders of one version and must be remade.
+RENDERER_VERSION = "1"
+
+SUBJECTS: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "heart",
+    "house",
+    "tree",
+    "cross",
+    "moon",
+    "arrow",
+)
+
+SUBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (245, 215, 30),
+    "lime": (150, 225, 40),
+    "green": (25, 135, 55),
+    "teal": (15, 145, 145),
+    "cyan": (70, 210, 245),
+    "blue": (35, 65, 205),
+    "purple": (115, 45, 170),
+    "magenta": (225, 45, 180),
+    "pink": (250, 160, 195),
+    "brown": (125, 75, 35),
+}
+
+BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 240),
+    "black": (18, 18, 18),
+    "grey": (128, 128, 128),
+    "navy": (20, 30, 85),
+    "beige": (225, 205, 165),
+    "mint": (170, 232, 200),
+    "lavender": (200, 185, 240),
+    "peach": (252, 198, 165),
+    "sky": (155, 205, 245),
+    "olive": (110, 120, 35),
+    "maroon": (110, 22, 40),
+    "forest": (22, 72, 38),
+}
+
+PATTERNS: tuple[str, ...] = (
+    "flat",
+    "striped",
+    "dotted",
+    "checkered",
+    "gradient",
+    "outlined",
+    "grainy",
+    "two-tone",
+)
+
+# Each composition is a list of (centre x, centre y, radius) as fractions of the image size.
+COMPOSITIONS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "centred": ((0.5, 0.5, 0.32),),
+    "large": ((0.5, 0.5, 0.46),),
+    "small": ((0.5, 0.5, 0.2),),
+    "left third": ((0.3, 0.5, 0.24),),
+    "right third": ((0.7, 0.5, 0.24),),
+    "top": ((0.5, 0.28, 0.24),),
+    "bottom": ((0.5, 0.72, 0.24),),
+    "several copies": ((0.27, 0.29, 0.2), (0.73, 0.29, 0.2), (0.5, 0.73, 0.2)),
+}
+
+TONES: tuple[str, ...] = (
+    "natural",
+    "pastel",
+    "dark",
+    "muted",
+    "warm",
+    "cool",
+    "high-contrast",
+    "vignette",
+)
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "subject_colour": tuple(SUBJECT_COLOURS),
+    "background": tuple(BACKGROUND_COLOURS),
+    "pattern": PATTERNS,
+    "composition": tuple(COMPOSITIONS),
+    "tone": TONES,
+}
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """One style attribute; ``id`` (``category:value``) is how tables and users name it."""
+
+    category: str
+    value: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.category}:{self.value}"
+
+    @property
+    def phrase(self) -> str:
+        """The attribute as a short text phrase (the MMD alignment's target text)."""
+        suffix = {
+            "subject_colour": "subject",
+            "background": "background",
+            "pattern": "pattern",
+            "composition": "composition",
+            "tone": "tone",
+        }[self.category]
+        return f"{self.value} {suffix}"
+
+
+ATTRIBUTES: tuple[Attribute, ...] = tuple(
+    Attribute(category, value) for category, values in CATEGORIES.items() for value in values
+)
+ATTRIBUTE_IDS: tuple[str, ...] = tuple(attribute.id for attribute in ATTRIBUTES)
+_BY_ID = {attribute.id: attribute for attribute in ATTRIBUTES}
+
+
+def attribute(attribute_id: str) -> Attribute:
+    """The attribute named ``category:value``; a ``KeyError`` names an unknown id."""
+    try:
+        return _BY_ID[attribute_id]
+    except KeyError:
+        raise KeyError(f"unknown attribute {attribute_id!r}; known: {ATTRIBUTE_IDS}") from None
+
+
+def attribute_ids(style: dict[str, str]) -> list[str]:
+    """The ids of a style given as ``{category: value}``, in category order."""
+    return [f"{category}:{style[category]}" for category in CATEGORIES]
+
+
+def caption(subject: str, style: dict[str, str]) -> str:
+    """A full caption, e.g. "a dotted orange star on a teal background, top, pastel"."""
+    return (
+        f"a {style['pattern']} {style['subject_colour']} {subject} on a "
+        f"{style['background']} background, {style['composition']}, {style['tone']}"
+    )
+
+
+def subject_prompt(subject: str) -> str:
+    """The prompt that names only the subject (what a user asks a generator for)."""
+    return f"a {subject}"
+
+
+def world_hash() -> str:
+    """A hash of the world's definition; foundation checkpoints record the one they saw."""
+    definition = {
+        "renderer_version": RENDERER_VERSION,
+        "subjects": SUBJECTS,
+        "subject_colours": SUBJECT_COLOURS,
+        "background_colours": BACKGROUND_COLOURS,
+        "patterns": PATTERNS,
+        "compositions": COMPOSITIONS,
+        "tones": TONES,
+    }
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
