@@ -157,3 +157,51 @@ def user_from_row(row: Mapping) -> SimulatedUser:
         liked=dict(zip(row["liked_attributes"], row["liked_weights"], strict=True)),
         disliked=dict(zip(row["disliked_attributes"], row["disliked_weights"], strict=True)),
     )
+
+
+@dataclass(frozen=True)
+class RenderSet:
+    """Random renders with their ground truth, for pretraining and checking encoders."""
+
+    subjects: list[str]
+    styles: list[dict[str, str]]
+    images: np.ndarray  # (N, size, size, 3) uint8
+    group_size: int = 1  # consecutive renders that share some categories
+
+    @property
+    def captions(self) -> list[str]:
+        return [caption(s, style) for s, style in zip(self.subjects, self.styles, strict=True)]
+
+    def labels(self) -> dict[str, list[str]]:
+        """The true class of every image for the subject and each category."""
+        return {"subject": self.subjects} | {
+            category: [style[category] for style in self.styles] for category in CATEGORIES
+        }
+
+
+def render_set(
+    n: int, seed: int, size: int, group_size: int = 1, shared: tuple[str, ...] = ()
+) -> RenderSet:
+    """``n`` random renders, deterministic in ``seed``.
+
+    With ``group_size`` > 1, consecutive groups share the ``shared`` categories and draw
+    the rest (and the subject) anew: contrastive training on such groups has to tell
+    apart what the shared, easy attributes (colours) cannot, like subject and layout.
+    """
+    if n % group_size:
+        raise ValueError(f"n={n} is not a multiple of group_size={group_size}")
+    unknown = set(shared) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"shared categories {sorted(unknown)} are not in {list(CATEGORIES)}")
+    rng = np.random.default_rng(seed)
+    subjects, styles, images = [], [], np.empty((n, size, size, 3), np.uint8)
+    group_style: dict[str, str] = {}
+    for i in tqdm(range(n), desc=f"render {n}", unit="img", mininterval=2.0):
+        if i % group_size == 0:
+            group_style = random_style(rng)
+        subject = SUBJECTS[rng.integers(len(SUBJECTS))]
+        style = random_style(rng) | {c: group_style[c] for c in shared}
+        images[i] = render(subject, style, int(rng.integers(2**31)), size)
+        subjects.append(subject)
+        styles.append(style)
+    return RenderSet(subjects, styles, images, group_size)

@@ -6,17 +6,14 @@ from typing import Literal
 
 import pandas as pd
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from prefgen_kedro.data.pickapic import ingest_pickapic
+from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.world.agent_world import generate_agent_world
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AgentWorldParams(_Strict):
+class AgentWorldParams(StrictParams):
     n_users: int = Field(gt=0)
     images_per_user: int = Field(ge=2)
     n_liked_attributes: int = Field(ge=1)
@@ -27,7 +24,7 @@ class AgentWorldParams(_Strict):
     seed: int
 
 
-class PickapicParams(_Strict):
+class PickapicParams(StrictParams):
     shard_dir: str
     min_choices_per_user: int = Field(ge=1)
     image_size: int = Field(ge=8)
@@ -36,7 +33,7 @@ class PickapicParams(_Strict):
     batch_size: int = Field(gt=0)
 
 
-class DataIngestionParams(_Strict):
+class DataIngestionParams(StrictParams):
     source: Literal["agent", "pickapic"]
     images_subdir: str
     agent_world: AgentWorldParams

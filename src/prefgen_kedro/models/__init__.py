@@ -1,0 +1,1 @@
+"""Torch model code with no Kedro in it: encoders, probes, adapters and metrics."""

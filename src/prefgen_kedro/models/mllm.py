@@ -1,0 +1,629 @@
+"""The preference MLLM: building the tiny one, batching VQA samples, the loss, LoRA, inference.
+
+Every MLLM is loaded with ``AutoModelForImageTextToText`` + ``AutoProcessor`` from a directory,
+so a hub checkpoint (``Qwen/Qwen2-VL-2B-Instruct`` in ``gpu``) and the agent world's tiny model
+take the same road; prompts go through the processor's chat template, images through its
+image processor, so nothing here knows which model it drives.
+
+The tiny model is LLaVA: a CLIP vision tower (optionally the conditioning CLIP's weights), a
+small Llama, and one change: ``PooledLlavaForConditionalGeneration`` average-pools the vision
+tower's patch grid to ``image_token_grid``² tokens before the projector (a 32×32 render at
+patch 4 gives 64 patches; 2×2 pooling gives 4 tokens), because the prototype needed short
+sequences for many images. It is registered with ``AutoConfig`` and
+``AutoModelForImageTextToText`` when this module is imported (``model_type`` =
+``prefgen_pooled_llava``), so ``from_pretrained`` works on a saved one without
+``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` whose ``patch_size`` is the
+pooled token's footprint (16 px), so it writes as many image tokens as the model fills.
+
+Slot-aligned positions (option ``slot_positions``): every liked image's slot (its group
+marker token and its image tokens) gets the same position ids, every disliked image's slot
+another shared range, the query's a third, and text continues after each group's range. The
+model then sees each group as a set, and the positions no longer depend on K; a
+from-scratch tiny model learned preferences only with it. They are plain ``position_ids``,
+for models with 1-D positions (not Qwen2-VL's 3-D M-RoPE; leave it off there).
+
+Public API:
+
+- ``PooledLlavaConfig``, ``PooledLlavaForConditionalGeneration`` — the tiny model's classes.
+- ``train_tokenizer``, ``build_tiny_processor``, ``build_tiny_mllm`` — build the tiny one.
+- ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
+  ``VqaDataset`` — model inputs, with labels only on the answer tokens and the eos.
+- ``vqa_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train``.
+- ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model.
+- ``MllmPreferenceModel`` — ``hidden_states``, ``judge`` (P("Yes")), ``answer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from peft import LoraConfig, PeftModel, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaModel,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    ProcessorMixin,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from prefgen_kedro.models.clip import CLIP_MEAN, CLIP_STD
+from prefgen_kedro.models.vqa import (
+    IMAGE_PLACEHOLDER,
+    MARKERS,
+    NO,
+    YES,
+    VqaExample,
+    build_prompt,
+)
+
+IGNORE_INDEX = -100  # the label transformers' causal LM loss skips
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
+# Keys with one entry per token (from the processor or added here): padded, not concatenated.
+_TOKEN_KEYS = frozenset(
+    {"input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids"}
+)
+_PAD_VALUES = {"labels": IGNORE_INDEX}
+# The tiny chat template's role words, added to the tokenizer's corpus so each is few tokens.
+_CHAT_ROLES = ("USER:", "ASSISTANT:")
+# Groups of images in a VQA prompt, in prompt order (slot-aligned positions share per group).
+LIKED_GROUP, DISLIKED_GROUP, QUERY_GROUP = 0, 1, 2
+
+# "USER: <prompt>\nASSISTANT:" — the answer follows the colon directly, in training and
+# generation alike; assistant turns end with the eos token.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT:' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{{ '" + IMAGE_PLACEHOLDER + "' if part['type'] == 'image' else part['text'] }}"
+    "{% endfor %}{% endif %}"
+    "{{ eos_token if message['role'] == 'assistant' else '' }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+# ---- the tiny model: LLaVA with pooled image tokens -------------------------------------
+
+
+@strict
+class PooledLlavaConfig(LlavaConfig):
+    """``LlavaConfig`` plus the side of the pooled image-token grid."""
+
+    model_type = "prefgen_pooled_llava"
+    image_token_grid: int = 2
+
+
+class _PooledProjector(LlavaMultiModalProjector):
+    """Average-pools the (square) patch grid to ``image_token_grid``² tokens, then projects."""
+
+    def __init__(self, config: PooledLlavaConfig) -> None:
+        super().__init__(config)
+        self.grid = config.image_token_grid
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        n, tokens, width = image_features.shape
+        side = round(tokens**0.5)
+        if side * side != tokens:
+            raise ValueError(
+                f"{tokens} image features are not a square grid; the vision tower's CLS token "
+                "must be dropped (vision_feature_select_strategy='default')"
+            )
+        grid = image_features.transpose(1, 2).reshape(n, width, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+        return super().forward(pooled)
+
+
+class PooledLlavaModel(LlavaModel):
+    """``LlavaModel`` with the pooling projector."""
+
+    config_class = PooledLlavaConfig
+
+    def __init__(self, config: PooledLlavaConfig) -> None:
+        super().__init__(config)
+        self.multi_modal_projector = _PooledProjector(config)
+        self.post_init()
+
+
+class PooledLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` whose images cost ``image_token_grid``² tokens."""
+
+    config_class = PooledLlavaConfig
+
+    def __init__(self, config: PooledLlavaConfig) -> None:
+        super().__init__(config)
+        self.model = PooledLlavaModel(config)
+        self.post_init()
+
+
+AutoConfig.register(PooledLlavaConfig.model_type, PooledLlavaConfig, exist_ok=True)
+AutoModelForImageTextToText.register(
+    PooledLlavaConfig, PooledLlavaForConditionalGeneration, exist_ok=True
+)
+
+
+def train_tokenizer(
+    corpus: Iterable[str], *, vocab_size: int, model_max_length: int = 2048
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on ``corpus``, with pad/bos/eos, the image token and the
+    group markers as special (single) tokens; "Yes" and "No" must come out as one token each,
+    since ``judge`` reads their next-token probabilities."""
+    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_PLACEHOLDER, *MARKERS]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        [*corpus, *_CHAT_ROLES],
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+        additional_special_tokens=list(MARKERS),
+        model_max_length=model_max_length,
+    )
+    for word in (YES, NO):
+        if len(tokenizer(word, add_special_tokens=False).input_ids) != 1:
+            raise ValueError(f"{word!r} is not one token; raise vocab_size or add it to the corpus")
+    return tokenizer
+
+
+def build_tiny_processor(
+    tokenizer: PreTrainedTokenizerBase, *, image_size: int, image_token_grid: int
+) -> LlavaProcessor:
+    """A ``LlavaProcessor`` for ``image_size`` pictures (normalised as CLIP, never resized or
+    cropped) writing ``image_token_grid``² image tokens each, with the tiny chat template."""
+    if image_size % image_token_grid:
+        raise ValueError(f"image_size {image_size} is not a multiple of {image_token_grid}")
+    image_processor = CLIPImageProcessor(
+        do_resize=False,
+        do_center_crop=False,
+        size={"height": image_size, "width": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=image_size // image_token_grid,
+        image_token=IMAGE_PLACEHOLDER,
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_mllm(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    image_token_grid: int,
+    text_width: int,
+    text_layers: int,
+    text_heads: int,
+    max_positions: int,
+    seed: int,
+    vision_config: Mapping[str, Any] | None = None,
+    vision_from: CLIPModel | None = None,
+    vision_feature_layer: int = -1,
+) -> PooledLlavaForConditionalGeneration:
+    """The tiny LLaVA, randomly initialised with ``seed``.
+
+    The vision tower is either a fresh CLIP vision transformer of ``vision_config``
+    (``image_size``, ``patch_size``, ``hidden_size``, ...) or a copy of ``vision_from``'s
+    (the conditioning CLIP: its config and weights). The Llama has ``text_layers`` layers of
+    width ``text_width`` (MLP 4× wider) and the tokenizer's vocabulary. Image features are
+    read at ``vision_feature_layer`` (default the last, the one the conditioning CLIP was
+    trained through; LLaVA's own default is -2).
+    """
+    if (vision_config is None) == (vision_from is None):
+        raise ValueError("give exactly one of vision_config and vision_from")
+    vision = (
+        vision_from.config.vision_config.to_dict()
+        if vision_from is not None
+        else {"model_type": "clip_vision_model", **vision_config}
+    )
+    config = PooledLlavaConfig(
+        vision_config=vision,
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_width,
+            "intermediate_size": 4 * text_width,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_heads,
+            "max_position_embeddings": max_positions,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        image_seq_length=image_token_grid**2,
+        image_token_grid=image_token_grid,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = PooledLlavaForConditionalGeneration(config)
+    if vision_from is not None:
+        model.model.vision_tower.load_state_dict(vision_from.vision_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+# ---- model inputs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceContext:
+    """A user's context as pictures: uint8 (H, W, 3) arrays, liked and disliked."""
+
+    liked: Sequence[np.ndarray]
+    disliked: Sequence[np.ndarray]
+
+
+def chat_text(processor: ProcessorMixin, prompt: str) -> str:
+    """``prompt`` (with ``IMAGE_PLACEHOLDER``s) as one user turn in the processor's chat
+    template, ending with the generation prompt: the answer's first token comes next."""
+    content: list[dict[str, str]] = []
+    for i, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_chat(
+    processor: ProcessorMixin,
+    prompt: str,
+    images: Sequence[np.ndarray],
+    answer: str | None = None,
+    *,
+    image_groups: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """One sample's model inputs (no batch dimension on per-token tensors).
+
+    With ``answer``, its tokens and the eos follow the prompt and ``labels`` carry them,
+    every prompt token being ``IGNORE_INDEX``. With ``image_groups`` (one group id per
+    image), ``position_ids`` are slot-aligned (see the module docstring).
+    """
+    tokenizer = processor.tokenizer
+    encoded = processor(text=chat_text(processor, prompt), images=list(images), return_tensors="pt")
+    item = {
+        key: value[0] if key in _TOKEN_KEYS else value
+        for key, value in encoded.items()
+        if isinstance(value, torch.Tensor)
+    }
+    if answer is not None:
+        answer_ids = torch.tensor(
+            [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        )
+        prompt_length = len(item["input_ids"])
+        # Answer tokens are attended text tokens (token type 0 where the processor has types).
+        appended = {"input_ids": answer_ids, "attention_mask": torch.ones_like(answer_ids)}
+        for key in _TOKEN_KEYS & item.keys():
+            item[key] = torch.cat([item[key], appended.get(key, torch.zeros_like(answer_ids))])
+        item["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer_ids])
+    if image_groups is not None:
+        item["position_ids"] = slot_position_ids(
+            item["input_ids"],
+            image_token_id=processor.image_token_id,
+            marker_ids=_marker_ids(tokenizer),
+            image_groups=image_groups,
+        )
+    return item
+
+
+def encode_vqa(
+    processor: ProcessorMixin,
+    context: PreferenceContext,
+    query: np.ndarray | None,
+    answer: str | None = None,
+    *,
+    slot_positions: bool = False,
+) -> dict[str, torch.Tensor]:
+    """``encode_chat`` of the VQA prompt: liked, disliked, then (if given) the query image."""
+    images = [*context.liked, *context.disliked, *([] if query is None else [query])]
+    groups = (
+        [LIKED_GROUP] * len(context.liked)
+        + [DISLIKED_GROUP] * len(context.disliked)
+        + ([] if query is None else [QUERY_GROUP])
+    )
+    prompt = build_prompt(len(context.liked), len(context.disliked), with_query=query is not None)
+    return encode_chat(
+        processor, prompt, images, answer, image_groups=groups if slot_positions else None
+    )
+
+
+def slot_position_ids(
+    input_ids: torch.Tensor,
+    *,
+    image_token_id: int,
+    marker_ids: Collection[int],
+    image_groups: Sequence[int],
+) -> torch.Tensor:
+    """Position ids where all slots of a group share one range (see the module docstring).
+
+    A slot is a run of image tokens plus the marker tokens right before it; the first slot
+    of a group starts where the text has got to, every later slot of that group restarts
+    there, and whatever follows a slot continues from its end.
+    """
+    ids = input_ids.tolist()
+    positions: list[int] = []
+    group_start: dict[int, int] = {}
+    slot = 0
+    position = 0
+    i = 0
+    while i < len(ids):
+        start = i
+        while i < len(ids) and ids[i] in marker_ids:
+            i += 1
+        if i < len(ids) and ids[i] == image_token_id:
+            while i < len(ids) and ids[i] == image_token_id:
+                i += 1
+            if slot >= len(image_groups):
+                raise ValueError(f"more image-token runs than the {len(image_groups)} images")
+            first = group_start.setdefault(image_groups[slot], position)
+            positions.extend(range(first, first + i - start))
+            position = first + i - start
+            slot += 1
+        else:
+            # Markers not followed by an image, or plain text: positions run on.
+            i = max(i, start + 1)
+            positions.extend(range(position, position + i - start))
+            position += i - start
+    if slot != len(image_groups):
+        raise ValueError(
+            f"found {slot} image-token runs for {len(image_groups)} images: slot positions need "
+            "a non-image token between two images (the group markers)"
+        )
+    return torch.tensor(positions)
+
+
+def collate_vqa(
+    items: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    pad_token_id: int,
+    padding_side: Literal["left", "right"] = "right",
+) -> dict[str, torch.Tensor]:
+    """Pad per-token tensors to the longest sample (labels with ``IGNORE_INDEX``, input ids
+    with ``pad_token_id``, the rest with 0) and concatenate per-image ones (pixel values)."""
+    longest = max(len(item["input_ids"]) for item in items)
+    batch = {}
+    for key in items[0]:
+        if key not in _TOKEN_KEYS:
+            batch[key] = torch.cat([item[key] for item in items])
+            continue
+        value = pad_token_id if key == "input_ids" else _PAD_VALUES.get(key, 0)
+        rows = []
+        for item in items:
+            padding = torch.full((longest - len(item[key]),), value, dtype=item[key].dtype)
+            parts = (padding, item[key]) if padding_side == "left" else (item[key], padding)
+            rows.append(torch.cat(parts))
+        batch[key] = torch.stack(rows)
+    return batch
+
+
+def _marker_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The group markers that are single tokens of ``tokenizer`` (all of them in the tiny one)."""
+    vocabulary = tokenizer.get_vocab()
+    return {vocabulary[marker] for marker in MARKERS if marker in vocabulary}
+
+
+class VqaDataset(Dataset):
+    """``VqaExample``s as training samples; ``collate`` is the trainer's ``collate_fn``."""
+
+    def __init__(
+        self,
+        examples: Sequence[VqaExample],
+        pictures: Mapping[str, np.ndarray],
+        processor: ProcessorMixin,
+        *,
+        slot_positions: bool = False,
+    ) -> None:
+        self.examples = list(examples)
+        self.pictures = pictures
+        self.processor = processor
+        self.slot_positions = slot_positions
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        example = self.examples[index]
+        context = PreferenceContext(
+            liked=[self.pictures[i] for i in example.liked],
+            disliked=[self.pictures[i] for i in example.disliked],
+        )
+        return encode_vqa(
+            self.processor,
+            context,
+            self.pictures[example.query],
+            example.answer,
+            slot_positions=self.slot_positions,
+        )
+
+    def collate(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate_vqa(items, pad_token_id=self.processor.tokenizer.pad_token_id)
+
+
+def vqa_loss(
+    model: nn.Module, batch: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The LM loss on the answer tokens (the only labelled ones), and how often the first
+    answer token (Yes/No) is the model's top prediction."""
+    output = model(**batch)
+    labels = batch["labels"]
+    first = (labels != IGNORE_INDEX).int().argmax(dim=1)
+    rows = torch.arange(len(labels), device=labels.device)
+    predicted = output.logits[rows, first - 1].argmax(dim=-1)
+    accuracy = (predicted == labels[rows, first]).float().mean()
+    return output.loss, {"first_token_accuracy": float(accuracy)}
+
+
+# ---- LoRA ----------------------------------------------------------------------------
+
+
+def add_lora(
+    model: PreTrainedModel,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str] | str,
+    dropout: float = 0.0,
+    gradient_checkpointing: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (peft); only they stay trainable.
+
+    ``target_modules`` is peft's: a list of module-name suffixes (``["q_proj", "v_proj"]``,
+    which also matches a CLIP vision tower's) or one regex on the full name (e.g.
+    ``r".*language_model.*\\.(q_proj|v_proj)"`` for the LM only).
+    """
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing passes gradients to LoRA weights even though the
+        # frozen embeddings' outputs do not require grad.
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        lora_dropout=dropout,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+# ---- inference ---------------------------------------------------------------------------
+
+
+class MllmPreferenceModel:
+    """Batched inference on a (possibly LoRA-wrapped) MLLM and its processor.
+
+    The model is put in eval mode. ``slot_positions`` must match how it was trained.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: ProcessorMixin,
+        *,
+        slot_positions: bool = False,
+        batch_size: int = 16,
+        max_new_tokens: int = 32,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.slot_positions = slot_positions
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        tokenizer = processor.tokenizer
+        self.yes_id, self.no_id = (
+            tokenizer(word, add_special_tokens=False).input_ids[0] for word in (YES, NO)
+        )
+        if self.yes_id == self.no_id:
+            raise ValueError(f"{YES!r} and {NO!r} start with the same token")
+
+    @torch.inference_mode()
+    def hidden_states(
+        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray] | None = None
+    ) -> torch.Tensor:
+        """The last prompt token's hidden state at the embeddings and after every layer:
+        (N, n_layers + 1, width), float32 on the CPU."""
+        states = [
+            torch.stack(self.model(**batch, output_hidden_states=True).hidden_states, dim=1)[
+                :, :, -1
+            ]
+            for batch in self._batches(contexts, queries)
+        ]
+        return torch.cat(states).float().cpu()
+
+    @torch.inference_mode()
+    def judge(
+        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray]
+    ) -> torch.Tensor:
+        """P("Yes") for each (context, query): the next-token distribution after the prompt,
+        restricted to the "Yes" and "No" tokens and renormalised. (N,), float32."""
+        scores = []
+        for batch in self._batches(contexts, queries):
+            logits = self.model(**batch, logits_to_keep=1).logits[:, -1].float()
+            pair = logits[:, [self.yes_id, self.no_id]]
+            scores.append(pair.softmax(dim=-1)[:, 0].cpu())
+        return torch.cat(scores)
+
+    @torch.inference_mode()
+    def answer(
+        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray]
+    ) -> list[str]:
+        """The greedy answer (with its reason) for each (context, query)."""
+        tokenizer = self.processor.tokenizer
+        answers = []
+        for batch in self._batches(contexts, queries):
+            generated = self.model.generate(
+                **batch,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            prompt_length = batch["input_ids"].shape[1]
+            answers += tokenizer.batch_decode(
+                generated[:, prompt_length:], skip_special_tokens=True
+            )
+        return [text.strip() for text in answers]
+
+    def _batches(
+        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray] | None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Left-padded batches (the last column is every sample's last prompt token)."""
+        if queries is not None and len(queries) != len(contexts):
+            raise ValueError(f"{len(contexts)} contexts but {len(queries)} queries")
+        parameter = next(self.model.parameters())
+        for start in range(0, len(contexts), self.batch_size):
+            items = [
+                encode_vqa(
+                    self.processor,
+                    context,
+                    None if queries is None else queries[start + offset],
+                    slot_positions=self.slot_positions,
+                )
+                for offset, context in enumerate(contexts[start : start + self.batch_size])
+            ]
+            batch = collate_vqa(
+                items, pad_token_id=self.processor.tokenizer.pad_token_id, padding_side="left"
+            )
+            yield {
+                key: value.to(parameter.device, parameter.dtype)
+                if value.is_floating_point()
+                else value.to(parameter.device)
+                for key, value in batch.items()
+            }

@@ -1,0 +1,118 @@
+"""Linear probes over the MLLM's layers and the layer selection they drive (PrefGen §2).
+
+Per layer, an inter-user probe (which user is this?) and an intra-user probe (liked or
+disliked?) are trained on standardised last-token states. Their accuracy by depth picks
+``e_sem`` (the top layers, semantic) and ``e_core`` (where users are most separable).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LinearProbe:
+    """A linear classifier on standardised features."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    linear: nn.Linear
+
+    @torch.no_grad()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.std)
+
+
+def fit_linear_probe(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    *,
+    steps: int = 300,
+    learning_rate: float = 0.05,
+    weight_decay: float = 1e-3,
+    seed: int = 0,
+) -> LinearProbe:
+    """Full-batch AdamW on cross-entropy; reproducible for a seed (own generator)."""
+    features = features.float()
+    mean = features.mean(dim=0)
+    std = features.std(dim=0).clamp_min(1e-6)
+    standardised = (features - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(features.shape[1], n_classes)
+    bound = 1.0 / math.sqrt(features.shape[1])
+    with torch.no_grad():
+        linear.weight.uniform_(-bound, bound, generator=generator)
+        linear.bias.zero_()
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(linear(standardised), labels).backward()
+        optimizer.step()
+    return LinearProbe(mean, std, linear)
+
+
+def top_k_accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor, k: int = 1):
+    """Share of rows whose label is among the probe's ``k`` highest logits."""
+    top = probe.logits(features.float()).topk(min(k, probe.linear.out_features), dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).float().mean())
+
+
+def layerwise_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    n_classes: int,
+    *,
+    top_k: Sequence[int] = (1,),
+    seed: int = 0,
+    **fit_options: float,
+) -> list[dict[str, float]]:
+    """One probe per layer of (N, layers, D) features; per layer ``{"top1": …, …}``."""
+    results = []
+    for layer in range(train_features.shape[1]):
+        probe = fit_linear_probe(
+            train_features[:, layer], train_labels, n_classes, seed=seed, **fit_options
+        )
+        results.append(
+            {
+                f"top{k}": top_k_accuracy(probe, test_features[:, layer], test_labels, k)
+                for k in top_k
+            }
+        )
+    return results
+
+
+def select_layers(
+    inter_user_accuracy: Sequence[float],
+    *,
+    semantic_top: int = 4,
+    core_window: int = 3,
+    core_search_from: float = 0.5,
+) -> dict[str, list[int]]:
+    """Indices into the hidden states (0 = embeddings, i = after layer i).
+
+    ``e_sem``: the last ``semantic_top`` layers. ``e_core``: the ``core_window``
+    consecutive layers with the highest mean inter-user accuracy, searched from
+    ``core_search_from`` of the depth upwards (the middle-to-upper layers).
+    """
+    depth = len(inter_user_accuracy) - 1
+    if not 1 <= semantic_top <= depth or not 1 <= core_window <= depth:
+        raise ValueError(
+            f"semantic_top={semantic_top} and core_window={core_window} must be within the "
+            f"{depth} layers"
+        )
+    first = min(max(1, math.ceil(core_search_from * depth)), depth - core_window + 1)
+    starts = range(first, depth - core_window + 2)
+    best = max(starts, key=lambda s: sum(inter_user_accuracy[s : s + core_window]))
+    return {
+        "e_sem": list(range(depth - semantic_top + 1, depth + 1)),
+        "e_core": list(range(best, best + core_window)),
+    }

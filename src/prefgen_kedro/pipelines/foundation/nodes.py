@@ -1,0 +1,433 @@
+"""Nodes of ``foundation``: make the agent world's stand-ins for hub checkpoints.
+
+Each trainer node builds a model from its config, trains it with the shared trainer
+(resumable), rounds it to fp16 (what ships) and measures that rounded model on held-out
+renders, so the manifest's figures are the shipped model's.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from pydantic import Field
+from transformers import CLIPModel, CLIPTokenizer
+
+from prefgen_kedro.foundation import manifest_entry
+from prefgen_kedro.models.clip import (
+    ClipWithAttributeHeads,
+    EvaluationClip,
+    build_conditioning_clip,
+    build_evaluation_clip,
+    clip_training_data,
+    clip_with_heads_loss,
+    conditioning_clip_encoders,
+    evaluation_clip_encoders,
+    zero_shot_accuracy,
+)
+from prefgen_kedro.models.clip_tokenizer import build_clip_tokenizer
+from prefgen_kedro.models.diffusion import (
+    DiffusionLoss,
+    build_noise_scheduler,
+    build_unet,
+    diffusion_training_data,
+    encode_prompts,
+    grid_writer,
+    prompt_adherence,
+    sample,
+    sample_grid,
+)
+from prefgen_kedro.models.fid import compute_fid_kid
+from prefgen_kedro.models.oracle import (
+    AttributeOracle,
+    head_accuracy,
+    oracle_loss,
+    oracle_training_data,
+)
+from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.training import TrainConfig, TrainResult, train
+from prefgen_kedro.world.agent_world import RenderSet, render_set
+from prefgen_kedro.world.vocabulary import CATEGORIES, SUBJECTS, world_hash
+
+
+class RenderSetParams(StrictParams):
+    n: int = Field(gt=1)
+    seed: int
+    group_size: int = Field(default=1, ge=1)
+    shared: tuple[str, ...] = ()
+
+
+class FoundationRendersParams(StrictParams):
+    image_size: int = Field(ge=8)
+    conditioning_clip: RenderSetParams
+    evaluation_clip: RenderSetParams
+    attribute_oracle: RenderSetParams
+    base_diffusion: RenderSetParams
+    heldout: RenderSetParams
+
+
+class ConditioningClipArchitecture(StrictParams):
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    text_width: int
+    text_layers: int
+    heads: int
+    projection_dim: int
+    max_text_length: int
+
+
+class EvaluationClipArchitecture(StrictParams):
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    text_width: int
+    text_layers: int
+    heads: int
+    embed_dim: int
+    context_length: int
+
+
+class OracleArchitecture(StrictParams):
+    width: int
+
+
+class ConditioningClipParams(StrictParams):
+    architecture: ConditioningClipArchitecture
+    head_weight: float = Field(ge=0.0)  # weight of the auxiliary attribute heads' loss
+    train: TrainConfig
+
+
+class EvaluationClipParams(StrictParams):
+    architecture: EvaluationClipArchitecture
+    head_weight: float = Field(ge=0.0)  # weight of the auxiliary attribute heads' loss
+    train: TrainConfig
+
+
+class AttributeOracleParams(StrictParams):
+    architecture: OracleArchitecture
+    train: TrainConfig
+
+
+class UnetArchitecture(StrictParams):
+    block_out_channels: list[int]
+    layers_per_block: int
+    attention_head_dim: int | list[int]
+    norm_num_groups: int = 32
+    down_block_types: list[str] | None = None
+    up_block_types: list[str] | None = None
+
+
+class NoiseScheduleParams(StrictParams):
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+
+
+class SamplingParams(StrictParams):
+    guidance_scale: float = Field(ge=1.0)
+    num_inference_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+class BaseDiffusionParams(StrictParams):
+    architecture: UnetArchitecture
+    noise_schedule: NoiseScheduleParams
+    caption_dropout: float = Field(ge=0.0, le=1.0)
+    snr_gamma: float | None
+    train: TrainConfig
+    sampling: SamplingParams
+    grid_every: int = Field(ge=1)  # training steps between validation grids
+    grid_captions: int = Field(ge=1)
+    eval_captions: int = Field(ge=2)  # held-out captions sampled for the quality figures
+
+
+class FidCheckParams(StrictParams):
+    images_per_set: int = Field(ge=2)
+
+
+def make_render_sets(
+    params: FoundationRendersParams,
+) -> tuple[RenderSet, RenderSet, RenderSet, RenderSet, RenderSet]:
+    """Separate renders (own seeds) for each model and a held-out set for all checks."""
+    return tuple(
+        render_set(part.n, part.seed, params.image_size, part.group_size, part.shared)
+        for part in (
+            params.conditioning_clip,
+            params.evaluation_clip,
+            params.attribute_oracle,
+            params.base_diffusion,
+            params.heldout,
+        )
+    )
+
+
+def _fingerprint(renders: RenderSet, architecture: StrictParams) -> str:
+    """What a trainer's checkpoints depend on besides its TrainConfig."""
+    return (
+        f"world={world_hash()} renders={len(renders.images)}x{renders.images.shape[1]} "
+        f"first_caption={renders.captions[0]!r} arch={architecture.model_dump_json()}"
+    )
+
+
+def _heads() -> dict[str, list[str]]:
+    """The classes every attribute head reads: the subject, then each category."""
+    return {"subject": list(SUBJECTS)} | {c: list(v) for c, v in CATEGORIES.items()}
+
+
+def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> dict:
+    return {
+        "seed": seed,
+        "steps": result.steps,
+        "wall_seconds": time.perf_counter() - started,
+        "metrics": metrics,
+        "learning_curve": [
+            {"step": entry["step"], "loss": round(entry["loss"], 4)} for entry in result.history
+        ],
+    }
+
+
+def _round_to_half(model: torch.nn.Module) -> torch.nn.Module:
+    """fp16 round trip: the weights the shipped (fp16) checkpoint will hold, in fp32."""
+    return model.half().float().eval()
+
+
+def _train_clip(
+    clip: CLIPModel | EvaluationClip,
+    input_ids: torch.Tensor,
+    renders: RenderSet,
+    params: ConditioningClipParams | EvaluationClipParams,
+    checkpoint_root: str,
+    name: str,
+) -> TrainResult:
+    """Contrastive training on grouped renders with the auxiliary attribute heads."""
+    heads = _heads()
+    labels = {
+        head: torch.tensor([classes.index(value) for value in renders.labels()[head]])
+        for head, classes in heads.items()
+    }
+    return train(
+        ClipWithAttributeHeads(clip, {head: len(classes) for head, classes in heads.items()}),
+        clip_training_data(
+            renders.images, input_ids, renders.images.shape[1], renders.group_size, labels
+        ),
+        functools.partial(clip_with_heads_loss, head_weight=params.head_weight),
+        params.train,
+        checkpoint_root=checkpoint_root,
+        name=name,
+        fingerprint=_fingerprint(renders, params.architecture)
+        + f" head_weight={params.head_weight}",
+    )
+
+
+def train_conditioning_clip(
+    renders: RenderSet, heldout: RenderSet, params: ConditioningClipParams, checkpoint_root: str
+) -> tuple[CLIPModel, CLIPTokenizer, dict]:
+    """The conditioning CLIP (transformers) and its tokenizer (open_clip's BPE)."""
+    started = time.perf_counter()
+    tokenizer = build_clip_tokenizer(model_max_length=params.architecture.max_text_length)
+    model = build_conditioning_clip(
+        image_size=renders.images.shape[1],
+        vocab_size=len(tokenizer),
+        seed=params.train.seed,
+        **params.architecture.model_dump(),
+    )
+    input_ids = tokenizer(
+        renders.captions, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
+    result = _train_clip(model, input_ids, renders, params, checkpoint_root, "conditioning_clip")
+    model = _round_to_half(model)
+    metrics = zero_shot_accuracy(
+        *conditioning_clip_encoders(model, tokenizer),
+        heldout.images,
+        heldout.subjects,
+        heldout.styles,
+    )
+    return model.half(), tokenizer, _report(result, params.train.seed, metrics, started)
+
+
+def train_evaluation_clip(
+    renders: RenderSet, heldout: RenderSet, params: EvaluationClipParams, checkpoint_root: str
+) -> tuple[EvaluationClip, dict]:
+    """The evaluation CLIP (open_clip, its own seed and renders), only for CLIP score."""
+    started = time.perf_counter()
+    model = build_evaluation_clip(
+        image_size=renders.images.shape[1],
+        seed=params.train.seed,
+        **params.architecture.model_dump(),
+    )
+    input_ids = model.tokenize(renders.captions)
+    result = _train_clip(model, input_ids, renders, params, checkpoint_root, "evaluation_clip")
+    model = _round_to_half(model)
+    metrics = zero_shot_accuracy(
+        *evaluation_clip_encoders(model), heldout.images, heldout.subjects, heldout.styles
+    )
+    return model.half(), _report(result, params.train.seed, metrics, started)
+
+
+def train_attribute_oracle(
+    renders: RenderSet, heldout: RenderSet, params: AttributeOracleParams, checkpoint_root: str
+) -> tuple[AttributeOracle, dict]:
+    """The attribute oracle: reads the subject and each category off a picture."""
+    started = time.perf_counter()
+    heads = _heads()
+    torch.manual_seed(params.train.seed)
+    model = AttributeOracle(
+        heads=heads, image_size=renders.images.shape[1], width=params.architecture.width
+    )
+    result = train(
+        model,
+        oracle_training_data(renders.images, renders.labels(), heads),
+        oracle_loss,
+        params.train,
+        checkpoint_root=checkpoint_root,
+        name="attribute_oracle",
+        fingerprint=_fingerprint(renders, params.architecture),
+    )
+    model = _round_to_half(model)
+    metrics = head_accuracy(model, heldout.images, heldout.labels())
+    return model.half(), _report(result, params.train.seed, metrics, started)
+
+
+def train_base_diffusion(
+    renders: RenderSet,
+    heldout: RenderSet,
+    conditioning_clip: CLIPModel,
+    clip_tokenizer: CLIPTokenizer,
+    attribute_oracle: AttributeOracle,
+    params: BaseDiffusionParams,
+    checkpoint_root: str,
+    grid_dir: str,
+) -> tuple[UNet2DConditionModel, DDPMScheduler, dict, Image.Image]:
+    """The base text-to-image model (stands in for SD): a pixel-space UNet conditioned on
+    the frozen conditioning CLIP's text tower, trained on renders with their captions."""
+    started = time.perf_counter()
+    text_encoder = conditioning_clip.text_model.float().eval()
+    oracle = attribute_oracle.float().eval()
+    arch = params.architecture
+    unet = build_unet(
+        sample_size=renders.images.shape[1],
+        in_channels=3,
+        cross_attention_dim=conditioning_clip.config.text_config.hidden_size,
+        seed=params.train.seed,
+        **arch.model_dump(),
+    )
+    noise_scheduler = build_noise_scheduler(**params.noise_schedule.model_dump())
+    dataset, empty = diffusion_training_data(
+        renders.images, renders.captions, text_encoder, clip_tokenizer
+    )
+    shown = _subset(heldout, params.grid_captions)
+    sampling = params.sampling.model_dump(exclude={"batch_size"})
+    result = train(
+        unet,
+        dataset,
+        DiffusionLoss(noise_scheduler, empty, params.caption_dropout, params.snr_gamma),
+        params.train,
+        checkpoint_root=checkpoint_root,
+        name="base_unet",
+        fingerprint=_fingerprint(renders, arch)
+        + f" text={conditioning_clip.config.text_config.to_json_string()}"
+        + f" loss={params.noise_schedule.model_dump_json()} {params.caption_dropout}"
+        + f" {params.snr_gamma}",
+        on_log=grid_writer(
+            unet,
+            noise_scheduler,
+            encode_prompts(text_encoder, clip_tokenizer, shown.captions),
+            empty,
+            shown,
+            Path(grid_dir),
+            every=params.grid_every,
+            seed=0,
+            **sampling,
+        ),
+    )
+    unet = _round_to_half(unet)
+    asked = _subset(heldout, params.eval_captions)
+    samples = sample(
+        unet,
+        noise_scheduler,
+        encode_prompts(text_encoder, clip_tokenizer, asked.captions),
+        empty,
+        seeds=list(range(len(asked.captions))),
+        batch_size=params.sampling.batch_size,
+        **sampling,
+    )
+    metrics = {
+        "prompt_adherence": prompt_adherence(oracle, samples, asked),
+        "vs_heldout_renders": compute_fid_kid(
+            torch.from_numpy(samples).permute(0, 3, 1, 2),
+            torch.from_numpy(asked.images).permute(0, 3, 1, 2),
+        ),
+        "sampling": params.sampling.model_dump(),
+    }
+    grid = sample_grid(samples[: params.grid_captions], asked.images, asked.captions)
+    report = _report(result, params.train.seed, metrics, started)
+    return unet.half(), noise_scheduler, report, grid
+
+
+def _subset(renders: RenderSet, n: int) -> RenderSet:
+    return RenderSet(renders.subjects[:n], renders.styles[:n], renders.images[:n])
+
+
+def check_fid_network(heldout: RenderSet, params: FidCheckParams) -> dict:
+    """FID/KID sanity on held-out renders: one set against itself, against another sample
+    of the same distribution, and against renders of another distribution (dark tone)."""
+    n = params.images_per_set
+    if len(heldout.images) < 3 * n:
+        raise ValueError(f"fid_check.images_per_set={n} needs {3 * n} held-out renders")
+    first = heldout.images[:n]
+    same = heldout.images[n : 2 * n]
+    dark = heldout.images[2 * n : 3 * n][
+        [style["tone"] == "dark" for style in heldout.styles[2 * n : 3 * n]]
+    ]
+    to_chw = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2)  # noqa: E731
+    report = {
+        "images_per_set": n,
+        "self": compute_fid_kid(to_chw(first), to_chw(first)),
+        "same_distribution": compute_fid_kid(to_chw(first), to_chw(same)),
+    }
+    if len(dark) >= 2:
+        report["dark_tone_only"] = compute_fid_kid(to_chw(dark), to_chw(same))
+    return report
+
+
+def write_foundation_manifest(
+    conditioning_clip: CLIPModel,
+    evaluation_clip: EvaluationClip,
+    attribute_oracle: AttributeOracle,
+    base_unet: UNet2DConditionModel,
+    conditioning_clip_report: dict,
+    evaluation_clip_report: dict,
+    attribute_oracle_report: dict,
+    base_unet_report: dict,
+    fid_report: dict,
+    model_dirs: dict[str, str],
+) -> tuple[dict, dict]:
+    """The manifest shipped beside the checkpoints, and the encoders' metrics report."""
+    models = {
+        "conditioning_clip": (conditioning_clip, conditioning_clip_report),
+        "evaluation_clip": (evaluation_clip, evaluation_clip_report),
+        "attribute_oracle": (attribute_oracle, attribute_oracle_report),
+        "base_unet": (base_unet, base_unet_report),
+    }
+    manifest = {
+        name: manifest_entry(
+            model=model,
+            directory=model_dirs[name],
+            seed=report["seed"],
+            wall_seconds=report["wall_seconds"],
+            metrics=report["metrics"],
+            extra={"steps": report["steps"], "learning_curve": report["learning_curve"]},
+        )
+        for name, (model, report) in models.items()
+    }
+    metrics = {
+        name: report["metrics"] for name, (_, report) in models.items() if name != "base_unet"
+    }
+    metrics["fid_network"] = fid_report
+    return manifest, metrics

@@ -1,0 +1,473 @@
+"""One training loop for every model: seeded, resumable, atomic, NaN-guarded (DESIGN.md §6).
+
+Written in the style of diffusers' training examples: an ``accelerate.Accelerator`` owns devices,
+mixed precision, gradient accumulation and ``save_state``/``load_state``, so ``accelerate launch``
+scales a trainer unchanged and a plain ``python`` process runs it on one device (or the CPU).
+
+Public API:
+
+- ``TrainConfig`` — the validated parameter model (a typo in a YAML key is an error).
+- ``train(model, dataset, compute_loss, config, *, checkpoint_root, name, fingerprint="",
+  collate_fn=None, trainable_parameters=None, on_log=None, description=None) -> TrainResult``.
+  ``compute_loss(prepared_model, batch)`` returns a scalar loss, or ``(loss, {metric: float})``;
+  it is handed the *prepared* model (DDP-wrapped under ``accelerate launch``), so call that one.
+- ``TrainResult`` — ``history`` (one entry per ``log_every`` steps and at the end: the window
+  means of ``loss`` and every metric, plus ``step``, ``lr`` and ``samples_seen``), ``steps``,
+  ``wall_seconds`` (of this call), ``resumed_from`` (the step of the checkpoint resumed, or
+  ``None``) and ``run_dir``.
+- ``NonFiniteLossError`` — raised, naming the step, when the loss becomes NaN or infinite.
+
+Checkpoints. A run lives in ``<checkpoint_root>/<name>-<hash[:10]>`` where the hash covers the
+config (minus pure bookkeeping: ``log_every``, ``checkpoint_every``, ``checkpoints_total_limit``),
+the caller's ``fingerprint`` (what data and model it trains) and the number of processes; that
+folder holds ``run_fingerprint.json``. Changed settings therefore start fresh in a new folder and
+identical settings resume from the newest ``checkpoint-{step}`` (model, optimizer, scheduler,
+RNG states and ``trainer_state.json`` with the history). A checkpoint is written to
+``.tmp-checkpoint-{step}`` and renamed into place, so a crash never leaves a half-written one
+where a resume would find it; one is written every ``checkpoint_every`` steps and at the end (a
+finished run started again loads the final weights and trains zero steps).
+
+Data. The dataset is read as an endless stream of epochs; epoch ``e`` is shuffled by a generator
+seeded from ``(seed, e)`` and cut into ``max(1, len // (batch_size * processes))`` global batches
+(the tail is dropped, different each epoch; a dataset smaller than one global batch is cycled).
+Any position is thus recomputable from the step alone: a resumed run skips straight to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import send_to_device, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
+
+FINGERPRINT_FILE = "run_fingerprint.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT_PREFIX = "checkpoint-"
+_TMP_PREFIX = ".tmp-"
+# Fields that change how often things are written, not what is trained: a run may resume with
+# different values.
+_BOOKKEEPING_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoints_total_limit"})
+
+
+class TrainConfig(pydantic.BaseModel, extra="forbid"):
+    """Settings of one training run; every trainer's parameters embed one of these."""
+
+    max_steps: int = pydantic.Field(ge=1)
+    batch_size: int = pydantic.Field(ge=1)
+    learning_rate: float = pydantic.Field(gt=0)
+    weight_decay: float = pydantic.Field(default=0.0, ge=0)
+    warmup_steps: int = pydantic.Field(default=0, ge=0)
+    gradient_accumulation_steps: int = pydantic.Field(default=1, ge=1)
+    max_grad_norm: float | None = pydantic.Field(default=1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = pydantic.Field(default=500, ge=1)
+    checkpoints_total_limit: int = pydantic.Field(default=2, ge=1)
+    seed: int = pydantic.Field(default=0, ge=0)
+    log_every: int = pydantic.Field(default=10, ge=1)
+    num_workers: int = pydantic.Field(default=0, ge=0)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; ``step`` is the optimizer step (1-based) it happened in."""
+
+    def __init__(self, name: str, step: int, value: float, last_checkpoint: Path | None) -> None:
+        self.step = step
+        self.value = value
+        where = f"last checkpoint {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+        super().__init__(
+            f"{name}: loss is {value} at step {step} ({where}); lower the learning rate, "
+            "check the data, or try mixed_precision='no'"
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a run did; the model itself is trained in place."""
+
+    history: list[dict[str, float]]
+    steps: int
+    wall_seconds: float
+    resumed_from: int | None
+    run_dir: Path
+
+
+def run_hash(config: TrainConfig, fingerprint: str, num_processes: int = 1) -> str:
+    """The sha256 naming a run's checkpoint folder: the settings that shape what is trained."""
+    payload = {
+        "config": config.model_dump(exclude=set(_BOOKKEEPING_FIELDS)),
+        "fingerprint": fingerprint,
+        "num_processes": num_processes,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    compute_loss: LossFn,
+    config: TrainConfig,
+    *,
+    checkpoint_root: str | Path,
+    name: str,
+    fingerprint: str = "",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    trainable_parameters: Iterable[nn.Parameter] | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    description: str | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``config.max_steps`` optimizer steps, resuming if possible.
+
+    ``trainable_parameters`` (default: those with ``requires_grad``) are the only ones optimized;
+    the others get ``requires_grad=False`` for the run (their gradients would be wasted work),
+    and every flag and the train/eval mode are restored afterwards. ``fingerprint`` must name
+    whatever else shapes the result (data, model, loss, which parameters train), since it picks
+    the run folder together with the config. ``on_log(step, entry)`` is called on the main
+    process with each history entry; ``description`` labels the progress bar (default ``name``).
+    """
+    started = time.perf_counter()
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        raise ValueError(f"{name}: the training dataset is empty")
+    saved_flags = [(param, param.requires_grad) for param in model.parameters()]
+    was_training = model.training
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
+    prepared = model
+    try:
+        params = _select_trainable(model, trainable_parameters, name)
+        set_seed(config.seed)
+        run_dir = _open_run_dir(
+            accelerator,
+            Path(checkpoint_root),
+            name=name,
+            config=config,
+            fingerprint=fingerprint,
+            num_processes=accelerator.num_processes,
+        )
+        optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        # Accelerate steps a prepared scheduler once per process for every optimizer step
+        # (diffusers' examples scale the same way), so the schedule is counted in those units.
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=config.warmup_steps * accelerator.num_processes,
+            num_training_steps=config.max_steps * accelerator.num_processes,
+        )
+        prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        prepared.train()
+
+        state = {"step": 0, "history": [], "window": {"count": 0, "sums": {}}}
+        resumed_from = None
+        last_checkpoint = _latest_checkpoint(run_dir)
+        if last_checkpoint is not None:
+            accelerator.load_state(str(last_checkpoint))
+            state = json.loads((last_checkpoint / TRAINER_STATE_FILE).read_text())
+            resumed_from = state["step"]
+            if accelerator.is_main_process:
+                logger.info("%s: resuming from %s", name, last_checkpoint)
+
+        _run_steps(
+            accelerator,
+            prepared,
+            optimizer,
+            scheduler,
+            compute_loss=compute_loss,
+            config=config,
+            state=state,
+            batches=_micro_batches(
+                dataset,
+                config,
+                collate_fn,
+                start=state["step"] * config.gradient_accumulation_steps,
+                rank=accelerator.process_index,
+                world=accelerator.num_processes,
+                pin_memory=accelerator.device.type == "cuda",
+            ),
+            params=params,
+            run_dir=run_dir,
+            last_checkpoint=last_checkpoint,
+            name=name,
+            on_log=on_log,
+            description=description or name,
+        )
+        return TrainResult(
+            history=state["history"],
+            steps=state["step"],
+            wall_seconds=time.perf_counter() - started,
+            resumed_from=resumed_from,
+            run_dir=run_dir,
+        )
+    finally:
+        # Removes DDP and the autocast wrapper that mixed precision patches onto ``forward``.
+        accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        model.train(was_training)
+        for param, flag in saved_flags:
+            param.requires_grad_(flag)
+        accelerator.free_memory()
+        # Accelerate keeps process-wide singletons, and a later Accelerator with another
+        # mixed_precision would be refused; the next trainer in this process starts clean.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _run_steps(
+    accelerator: Accelerator,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    compute_loss: LossFn,
+    config: TrainConfig,
+    state: dict[str, Any],
+    batches: Iterator[Any],
+    params: list[nn.Parameter],
+    run_dir: Path,
+    last_checkpoint: Path | None,
+    name: str,
+    on_log: Callable[[int, dict[str, float]], None] | None,
+    description: str,
+) -> None:
+    """The loop proper: ``state`` (step, history, open log window) is updated in place."""
+    samples_per_step = (
+        config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    )
+    window = state["window"]
+    progress = tqdm(
+        total=config.max_steps,
+        initial=state["step"],
+        desc=description,
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    try:
+        while state["step"] < config.max_steps:
+            step = state["step"] + 1
+            for _ in range(config.gradient_accumulation_steps):
+                batch = send_to_device(next(batches), accelerator.device)
+                with accelerator.accumulate(model):
+                    loss, metrics = _split_loss(compute_loss(model, batch), name)
+                    values = _reduced_values(accelerator, loss, metrics)
+                    if not math.isfinite(values["loss"]):
+                        raise NonFiniteLossError(name, step, values["loss"], last_checkpoint)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                sums = window["sums"]
+                for key, value in values.items():
+                    sums[key] = sums.get(key, 0.0) + value / config.gradient_accumulation_steps
+            window["count"] += 1
+            state["step"] = step
+            running = window["sums"]["loss"] / window["count"]
+            progress.update(1)
+            progress.set_postfix(loss=f"{running:.4g}", refresh=False)
+
+            if step % config.log_every == 0 or step == config.max_steps:
+                entry = {
+                    "step": step,
+                    **{key: total / window["count"] for key, total in window["sums"].items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_seen": step * samples_per_step,
+                }
+                state["history"].append(entry)
+                state["window"] = window = {"count": 0, "sums": {}}
+                if on_log is not None and accelerator.is_main_process:
+                    on_log(step, entry)
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                last_checkpoint = _save_checkpoint(accelerator, run_dir, state, config)
+    finally:
+        progress.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops DataLoader workers of an unfinished epoch now, not at GC
+
+
+def _split_loss(
+    output: torch.Tensor | tuple[torch.Tensor, dict[str, float]], name: str
+) -> tuple[torch.Tensor, dict[str, float]]:
+    loss, metrics = output if isinstance(output, tuple) else (output, {})
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise ValueError(f"{name}: compute_loss must return a scalar tensor, got {loss!r}")
+    if "loss" in metrics:
+        raise ValueError(f"{name}: compute_loss's metrics must not be named 'loss'")
+    return loss, metrics
+
+
+def _reduced_values(
+    accelerator: Accelerator, loss: torch.Tensor, metrics: dict[str, float]
+) -> dict[str, float]:
+    """Loss and metrics averaged over processes, so every process sees the same NaN check."""
+    keys = sorted(metrics)
+    stacked = torch.stack(
+        [loss.detach().float()]
+        + [torch.as_tensor(metrics[key], dtype=torch.float32, device=loss.device) for key in keys]
+    )
+    reduced = accelerator.reduce(stacked, reduction="mean").tolist()
+    return dict(zip(["loss", *keys], reduced, strict=True))
+
+
+def _micro_batches(
+    dataset: Dataset,
+    config: TrainConfig,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    *,
+    start: int,
+    rank: int,
+    world: int,
+    pin_memory: bool,
+) -> Iterator[Any]:
+    """This process's batches from micro-batch ``start`` on, forever (see the module docstring)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    global_batch = config.batch_size * world
+    per_epoch = max(1, size // global_batch)
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
+        order = torch.randperm(size, generator=generator)
+        order = order.repeat(math.ceil(per_epoch * global_batch / size))[: per_epoch * global_batch]
+        indices = order.view(per_epoch, world, config.batch_size)[skip:, rank].tolist()
+        # The loader's own generator (not the global RNG) seeds its workers, so building a loader
+        # mid-run leaves the global RNG exactly where a resumed run's restored state expects it.
+        loader = DataLoader(
+            dataset,
+            batch_sampler=indices,
+            collate_fn=collate_fn,
+            num_workers=config.num_workers,
+            pin_memory=pin_memory,
+            generator=generator,
+        )
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest) >> 1  # manual_seed takes at most 63 bits here
+
+
+def _select_trainable(
+    model: nn.Module, trainable: Iterable[nn.Parameter] | None, name: str
+) -> list[nn.Parameter]:
+    """The parameters to optimize; with an explicit list, only those keep ``requires_grad``."""
+    all_params = list(model.parameters())
+    if trainable is None:
+        params = [param for param in all_params if param.requires_grad]
+    else:
+        params = list(dict.fromkeys(trainable))  # de-duplicated, order kept
+        owned = {id(param) for param in all_params}
+        if any(id(param) not in owned for param in params):
+            raise ValueError(f"{name}: trainable_parameters must be parameters of the model")
+        chosen = {id(param) for param in params}
+        for param in all_params:
+            param.requires_grad_(id(param) in chosen)
+    if not params:
+        raise ValueError(f"{name}: no trainable parameters")
+    return params
+
+
+def _open_run_dir(
+    accelerator: Accelerator,
+    root: Path,
+    *,
+    name: str,
+    config: TrainConfig,
+    fingerprint: str,
+    num_processes: int,
+) -> Path:
+    """Create (or reopen) the run's folder, check its fingerprint and clear interrupted writes."""
+    digest = run_hash(config, fingerprint, num_processes)
+    run_dir = root / f"{name}-{digest[:10]}"
+    record_path = run_dir / FINGERPRINT_FILE
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in run_dir.glob(f"{_TMP_PREFIX}*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        if not record_path.exists():
+            record = {
+                "name": name,
+                "hash": digest,
+                "fingerprint": fingerprint,
+                "num_processes": num_processes,
+                "config": config.model_dump(),
+            }
+            _write_json_atomic(record_path, record)
+    accelerator.wait_for_everyone()
+    # Checked on every process so that all of them stop, not only the main one.
+    found = json.loads(record_path.read_text()).get("hash")
+    if found != digest:
+        raise RuntimeError(
+            f"{name}: {run_dir} belongs to another run (hash {found}, expected {digest}); "
+            "move it away rather than resume it"
+        )
+    return run_dir
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    steps = _checkpoint_steps(run_dir)
+    return run_dir / f"{_CHECKPOINT_PREFIX}{steps[-1]}" if steps else None
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    found = [
+        path.name.removeprefix(_CHECKPOINT_PREFIX)
+        for path in run_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+        if path.is_dir()
+    ]
+    return sorted(int(step) for step in found if step.isdigit())
+
+
+def _save_checkpoint(
+    accelerator: Accelerator, run_dir: Path, state: dict[str, Any], config: TrainConfig
+) -> Path:
+    """Write ``checkpoint-{step}`` atomically, then prune the oldest beyond the limit."""
+    step = state["step"]
+    final = run_dir / f"{_CHECKPOINT_PREFIX}{step}"
+    partial = run_dir / f"{_TMP_PREFIX}{_CHECKPOINT_PREFIX}{step}"
+    # Every process calls save_state (each writes its own RNG state; FSDP/DeepSpeed need all).
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / TRAINER_STATE_FILE).write_text(json.dumps(state))
+        os.replace(partial, final)
+        for old in _checkpoint_steps(run_dir)[: -config.checkpoints_total_limit]:
+            doomed = run_dir / f"{_TMP_PREFIX}delete-{old}"
+            # Renamed first so a crash mid-delete leaves no half checkpoint a resume could pick.
+            os.replace(run_dir / f"{_CHECKPOINT_PREFIX}{old}", doomed)
+            shutil.rmtree(doomed)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    partial = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(partial, path)

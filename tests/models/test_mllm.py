@@ -1,0 +1,386 @@
+"""The preference MLLM: answer-only labels, slot positions, round trips, inference and LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from prefgen_kedro.models.clip import build_conditioning_clip
+from prefgen_kedro.models.mllm import (
+    IGNORE_INDEX,
+    MllmPreferenceModel,
+    PooledLlavaForConditionalGeneration,
+    PreferenceContext,
+    VqaDataset,
+    add_lora,
+    build_tiny_mllm,
+    build_tiny_processor,
+    collate_vqa,
+    encode_vqa,
+    train_tokenizer,
+    vqa_loss,
+)
+from prefgen_kedro.models.vqa import MARKERS, sample_vqa_examples, vqa_corpus
+from prefgen_kedro.training import TrainConfig, train
+from prefgen_kedro.world.agent_world import generate_agent_world
+
+SIZE = 32
+GRID = 2
+TEXT_LAYERS = 2
+VISION = {
+    "image_size": SIZE,
+    "patch_size": 4,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_agent_world(
+        n_users=4,
+        images_per_user=10,
+        n_liked_attributes=3,
+        n_disliked_attributes=3,
+        label_noise=0.0,
+        image_size=SIZE,
+        split_fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+        images_subdir="images",
+        seed=0,
+    )
+
+
+@pytest.fixture(scope="module")
+def examples(world):
+    return sample_vqa_examples(
+        world.images,
+        world.interactions,
+        world.users,
+        splits=["train", "val", "test"],
+        k=2,
+        samples_per_user=2,
+        seed=0,
+        with_reasons=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def processor(world):
+    tokenizer = train_tokenizer(vqa_corpus(world.images["caption"]), vocab_size=400)
+    return build_tiny_processor(tokenizer, image_size=SIZE, image_token_grid=GRID)
+
+
+def tiny_mllm(processor, **overrides):
+    settings = {
+        "image_token_grid": GRID,
+        "text_width": 32,
+        "text_layers": TEXT_LAYERS,
+        "text_heads": 2,
+        "max_positions": 256,
+        "seed": 0,
+        "vision_config": VISION,
+    } | overrides
+    return build_tiny_mllm(processor.tokenizer, **settings)
+
+
+@pytest.fixture(scope="module")
+def saved(processor, tmp_path_factory) -> Path:
+    """A tiny model and its processor saved the way a hub checkpoint is stored."""
+    path = tmp_path_factory.mktemp("tiny_mllm")
+    tiny_mllm(processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def contexts_and_queries(world, examples):
+    contexts = [
+        PreferenceContext(
+            liked=[world.pictures[i] for i in example.liked],
+            disliked=[world.pictures[i] for i in example.disliked],
+        )
+        for example in examples
+    ]
+    return contexts, [world.pictures[example.query] for example in examples]
+
+
+def test_tokenizer_keeps_answer_words_markers_and_image_token_whole(processor):
+    tokenizer = processor.tokenizer
+    for token in ("Yes", "No", "<image>", *MARKERS):
+        assert len(tokenizer(token, add_special_tokens=False).input_ids) == 1, token
+    assert tokenizer.decode(tokenizer("No, because it is dotted").input_ids) == (
+        "No, because it is dotted"
+    )
+
+
+def test_only_answer_tokens_and_eos_carry_labels(world, examples, processor):
+    dataset = VqaDataset(examples, world.pictures, processor)
+    tokenizer = processor.tokenizer
+    for index in range(len(examples)):
+        item = dataset[index]
+        answer = tokenizer(examples[index].answer, add_special_tokens=False).input_ids
+        labelled = item["labels"] != IGNORE_INDEX
+        n = len(answer) + 1
+        assert labelled.sum() == n and labelled[-n:].all()
+        assert item["labels"][-n:].tolist() == [*answer, tokenizer.eos_token_id]
+        assert torch.equal(item["input_ids"][-n:], item["labels"][-n:])
+        # 5 images of GRID² pooled tokens each, all in the (unlabelled) prompt
+        assert (item["input_ids"] == processor.image_token_id).sum() == 5 * GRID**2
+        assert item["pixel_values"].shape == (5, 3, SIZE, SIZE)
+
+    batch = dataset.collate([dataset[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (15, 3, SIZE, SIZE)
+    padded = batch["attention_mask"] == 0
+    assert (batch["labels"][padded] == IGNORE_INDEX).all()
+    model = tiny_mllm(processor)
+    loss, metrics = vqa_loss(model, batch)
+    # the same loss by hand: cross-entropy over the labelled (answer) tokens only
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = batch["labels"][:, 1:]
+    by_hand = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+    assert 0.0 <= metrics["first_token_accuracy"] <= 1.0
+
+
+def test_slot_positions_share_one_range_per_group(world, processor):
+    pictures = list(world.pictures.values())
+    image_id = processor.image_token_id
+
+    def slot_positions(k_liked, k_disliked):
+        context = PreferenceContext(pictures[:k_liked], pictures[5 : 5 + k_disliked])
+        item = encode_vqa(processor, context, pictures[9], "Yes", slot_positions=True)
+        ids, positions = item["input_ids"], item["position_ids"]
+        images = positions[ids == image_id].view(-1, GRID**2)
+        return images, positions, ids
+
+    images, positions, ids = slot_positions(3, 2)
+    liked, disliked, query = images[:3], images[3:5], images[5]
+    assert (liked == liked[0]).all() and (disliked == disliked[0]).all()
+    assert liked[0, 0] < disliked[0, 0] < query[0]
+    # every marker sits right before its slot's first image position
+    markers = torch.isin(
+        ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(MARKERS)))
+    )
+    assert (positions[markers] == images[:, 0] - 1).all()
+    # the query's slot and the answer do not move with K
+    assert torch.equal(slot_positions(1, 1)[0][-1], query)
+    assert slot_positions(1, 1)[1][-1] == positions[-1]
+    # without the option, positions are left to the model
+    plain = encode_vqa(processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
+    assert "position_ids" not in plain
+
+
+def test_vision_tower_starts_from_the_conditioning_clip(processor):
+    clip = build_conditioning_clip(
+        image_size=SIZE,
+        patch_size=4,
+        vision_width=16,
+        vision_layers=1,
+        text_width=16,
+        text_layers=1,
+        heads=2,
+        projection_dim=8,
+        max_text_length=16,
+        vocab_size=50,
+        seed=3,
+    )
+    model = tiny_mllm(processor, vision_config=None, vision_from=clip)
+    copied = model.model.vision_tower.state_dict()
+    for key, value in clip.vision_model.state_dict().items():
+        assert torch.equal(copied[key], value), key
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_mllm(processor, vision_from=clip)
+
+
+def test_saved_model_and_processor_load_through_the_auto_classes(world, examples, processor, saved):
+    model = AutoModelForImageTextToText.from_pretrained(saved).eval()
+    loaded_processor = AutoProcessor.from_pretrained(saved)
+    assert isinstance(model, PooledLlavaForConditionalGeneration)
+    assert loaded_processor.chat_template == processor.chat_template
+    reference = tiny_mllm(processor).eval()
+    original = VqaDataset(examples, world.pictures, processor)
+    loaded = VqaDataset(examples, world.pictures, loaded_processor)
+    for key, value in original[0].items():
+        assert torch.equal(loaded[0][key], value), key
+    batch = loaded.collate([loaded[i] for i in range(2)])
+    with torch.inference_mode():
+        assert torch.allclose(model(**batch).logits, reference(**batch).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [1, 4])
+def test_processor_writes_as_many_image_tokens_as_the_model_fills(world, processor, grid):
+    grid_processor = build_tiny_processor(
+        processor.tokenizer, image_size=SIZE, image_token_grid=grid
+    )
+    model = tiny_mllm(grid_processor, image_token_grid=grid)
+    pictures = list(world.pictures.values())
+    item = encode_vqa(grid_processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
+    assert (item["input_ids"] == grid_processor.image_token_id).sum() == 3 * grid**2
+    batch = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)
+    assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("slot_positions", [False, True])
+def test_inference_is_batched_and_padding_free(world, examples, processor, slot_positions):
+    model = tiny_mllm(processor)
+    inference = MllmPreferenceModel(
+        model, processor, slot_positions=slot_positions, batch_size=3, max_new_tokens=5
+    )
+    contexts, queries = contexts_and_queries(world, examples[:4])
+    # contexts of different sizes, so batches are padded
+    contexts[1] = PreferenceContext(contexts[1].liked[:1], contexts[1].disliked)
+
+    states = inference.hidden_states(contexts, queries)
+    assert states.shape == (4, TEXT_LAYERS + 1, 32)
+    assert inference.hidden_states(contexts).shape == (4, TEXT_LAYERS + 1, 32)
+    alone = torch.cat(
+        [inference.hidden_states([c], [q]) for c, q in zip(contexts, queries, strict=True)]
+    )
+    assert torch.allclose(states, alone, atol=1e-5)
+
+    yes = inference.judge(contexts, queries)
+    assert yes.shape == (4,) and ((yes > 0) & (yes < 1)).all()
+    assert torch.allclose(
+        yes,
+        torch.cat([inference.judge([c], [q]) for c, q in zip(contexts, queries, strict=True)]),
+        atol=1e-5,
+    )
+
+    answers = inference.answer(contexts, queries)
+    assert len(answers) == 4 and all(isinstance(answer, str) for answer in answers)
+    # greedy generation continues the prompt's positions: it equals teacher-forced argmax
+    item = encode_vqa(processor, contexts[0], queries[0], slot_positions=slot_positions)
+    prompt = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        generated = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        extended = {"input_ids": generated[:, :-1], "pixel_values": prompt["pixel_values"]}
+        if slot_positions:
+            last = prompt["position_ids"][:, -1:]
+            extended["position_ids"] = torch.cat([prompt["position_ids"], last + 1, last + 2], 1)
+        forced = model(**extended).logits[:, -3:].argmax(-1)
+    assert torch.equal(generated[:, -3:], forced)
+
+
+def test_lora_on_a_saved_model_trains_only_the_adapters(world, examples, saved, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(saved)
+    processor = AutoProcessor.from_pretrained(saved)
+    wrapped = add_lora(
+        model,
+        rank=4,
+        alpha=8,
+        target_modules=r".*language_model.*\.(q_proj|v_proj)",
+        gradient_checkpointing=True,
+    )
+    before = {name: value.clone() for name, value in wrapped.state_dict().items()}
+    dataset = VqaDataset(examples, world.pictures, processor, slot_positions=True)
+    result = train(
+        wrapped,
+        dataset,
+        vqa_loss,
+        TrainConfig(max_steps=1, batch_size=4, learning_rate=1e-2),
+        checkpoint_root=tmp_path,
+        name="vqa_lora",
+        collate_fn=dataset.collate,
+    )
+    assert result.steps == 1 and np.isfinite(result.history[-1]["loss"])
+    after = wrapped.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("lora_" in name for name in changed)
+    assert any("language_model.layers.1.self_attn.v_proj.lora_B" in name for name in changed)
+    assert not any("vision_tower" in name for name in changed)
+
+
+def test_qwen2_vl_takes_the_same_road(world, examples, tmp_path):
+    """The gpu world's family, built tiny: same batching, loss, LoRA and inference."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>"]
+    specials += ["<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        [*vqa_corpus(world.images["caption"]), "user assistant"],
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=template,
+    ).save_pretrained(tmp_path)
+    vocabulary = tokenizer.get_vocab()
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": TEXT_LAYERS,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 4]},
+        },
+        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2},
+        image_token_id=vocabulary["<|image_pad|>"],
+        video_token_id=vocabulary["<|video_pad|>"],
+        vision_start_token_id=vocabulary["<|vision_start|>"],
+        vision_end_token_id=vocabulary["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path)
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    wrapped = add_lora(model, rank=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    dataset = VqaDataset(examples, world.pictures, processor)
+    result = train(
+        wrapped,
+        dataset,
+        vqa_loss,
+        TrainConfig(max_steps=1, batch_size=2, learning_rate=1e-2),
+        checkpoint_root=tmp_path / "checkpoints",
+        name="qwen_lora",
+        collate_fn=dataset.collate,
+    )
+    assert np.isfinite(result.history[-1]["loss"])
+
+    inference = MllmPreferenceModel(wrapped, processor, batch_size=2, max_new_tokens=3)
+    contexts, queries = contexts_and_queries(world, examples[:3])
+    contexts[1] = PreferenceContext(contexts[1].liked[:1], contexts[1].disliked)
+    states = inference.hidden_states(contexts, queries)
+    assert states.shape == (3, TEXT_LAYERS + 1, 32)
+    alone = torch.cat(
+        [inference.hidden_states([c], [q]) for c, q in zip(contexts, queries, strict=True)]
+    )
+    assert torch.allclose(states, alone, atol=1e-5)
+    assert inference.judge(contexts, queries).shape == (3,)
+    assert len(inference.answer(contexts, queries)) == 3

@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import torch
+from kedro.io import DataCatalog
+
+from prefgen_kedro.foundation import require_current_world, weight_hashes
+from prefgen_kedro.models.clip import conditioning_clip_encoders, evaluation_clip_encoders
+from prefgen_kedro.models.diffusion import generate
+from prefgen_kedro.world.agent_world import render_set
+from prefgen_kedro.world.vocabulary import CATEGORIES
+
+# Each model's training steps in conf/smoke.
+SMOKE_STEPS = {"conditioning_clip": 3, "evaluation_clip": 3, "attribute_oracle": 3, "base_unet": 2}
+
+
+def test_foundation_runs_on_smoke_and_writes_a_true_manifest(run_smoke, smoke_project):
+    run_smoke("foundation")
+
+    folder = smoke_project / "data" / "06_models" / "foundation_smoke"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest) == set(SMOKE_STEPS)
+    for name, steps in SMOKE_STEPS.items():
+        entry = manifest[name]
+        require_current_world(manifest, name)
+        assert entry["sha256"] == weight_hashes(folder / name)
+        assert entry["parameters"] > 0
+        assert entry["command"].startswith("kedro")
+        assert entry["steps"] == steps
+    # Nothing is pickled: weights are safetensors only.
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
+
+    for name in ("conditioning_clip", "evaluation_clip", "attribute_oracle"):
+        assert set(manifest[name]["metrics"]) == {"subject", *CATEGORIES}
+    adherence = manifest["base_unet"]["metrics"]["prompt_adherence"]
+    assert set(adherence) == {"subject", *CATEGORIES}
+    assert manifest["base_unet"]["metrics"]["vs_heldout_renders"]["fid"] > 0
+
+    reports = smoke_project / "data" / "08_reporting"
+    metrics = json.loads((reports / "encoders_metrics.json").read_text())
+    assert metrics["fid_network"]["self"]["fid"] < 1e-6
+    assert (reports / "base_diffusion_grid.png").is_file()
+
+    _check_models_load_back_through_the_catalog(folder)
+
+
+def _check_models_load_back_through_the_catalog(folder):
+    classes = {
+        "conditioning_clip": "transformers.CLIPModel",
+        "clip_tokenizer": "transformers.CLIPTokenizer",
+        "evaluation_clip": "prefgen_kedro.models.clip.EvaluationClip",
+        "attribute_oracle": "prefgen_kedro.models.oracle.AttributeOracle",
+        "base_unet": "diffusers.UNet2DConditionModel",
+        "noise_scheduler": "diffusers.DDPMScheduler",
+    }
+    # As conf/base/catalog.yml declares them.
+    catalog = DataCatalog.from_config(
+        {
+            name: {
+                "type": "prefgen_kedro.datasets.PretrainedModelDataset",
+                "path": str(folder / name),
+                "model_class": model_class,
+            }
+            | ({"load_args": {"dtype": "float32"}} if name == "conditioning_clip" else {})
+            for name, model_class in classes.items()
+        }
+    )
+    renders = render_set(4, seed=0, size=16)
+    encode_images, encode_texts = conditioning_clip_encoders(
+        catalog.load("conditioning_clip"), catalog.load("clip_tokenizer")
+    )
+    assert encode_images(renders.images).shape[0] == 4
+    assert torch.allclose(encode_texts(renders.captions).norm(dim=-1), torch.ones(4), atol=1e-3)
+    encode_images, _ = evaluation_clip_encoders(catalog.load("evaluation_clip").float())
+    assert encode_images(renders.images).shape[0] == 4
+    predicted = catalog.load("attribute_oracle").float().predict(renders.images)
+    assert set(predicted) == {"subject", "subject_colour", "background", "pattern"} | {
+        "composition",
+        "tone",
+    }
+    assert all(len(v) == 4 for v in predicted.values())
+    clip = catalog.load("conditioning_clip")
+    images = generate(
+        catalog.load("base_unet").float(),
+        catalog.load("noise_scheduler"),
+        clip.text_model,
+        catalog.load("clip_tokenizer"),
+        renders.captions,
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        seed=0,
+    )
+    assert images.shape == renders.images.shape and images.dtype == np.uint8

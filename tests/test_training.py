@@ -1,0 +1,246 @@
+"""The shared training loop: exact resume, NaN guard, run folders, accumulation, freezing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from prefgen_kedro.training import (
+    FINGERPRINT_FILE,
+    NonFiniteLossError,
+    TrainConfig,
+    train,
+)
+
+
+def make_model(seed: int = 0, dropout: float = 0.1) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
+
+
+def make_dataset(size: int = 20) -> TensorDataset:
+    generator = torch.Generator().manual_seed(123)
+    x = torch.randn(size, 3, generator=generator)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(size, 1, generator=generator)
+    return TensorDataset(x, y)
+
+
+def mse(model: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    x, y = batch
+    prediction = model(x)
+    return nn.functional.mse_loss(prediction, y), {"mae": (prediction - y).abs().mean().item()}
+
+
+def config(**overrides: object) -> TrainConfig:
+    settings = {
+        "max_steps": 12,
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "weight_decay": 0.01,
+        "warmup_steps": 2,
+        "checkpoint_every": 4,
+        "log_every": 2,
+    }
+    return TrainConfig(**{**settings, **overrides})
+
+
+class Interrupted(Exception):
+    """Stands in for a killed process."""
+
+
+def test_interrupted_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    # 20 samples in batches of 4: 12 steps cross two epoch boundaries; dropout checks RNG restore.
+    reference_model = make_model()
+    reference = train(
+        reference_model, make_dataset(), mse, config(), checkpoint_root=tmp_path / "a", name="mlp"
+    )
+
+    def crash_at_step_6(step: int, entry: dict[str, float]) -> None:
+        if step == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(
+            make_model(),
+            make_dataset(),
+            mse,
+            config(),
+            checkpoint_root=tmp_path / "b",
+            name="mlp",
+            on_log=crash_at_step_6,
+        )
+    fresh = make_model(seed=99)  # its own init is overwritten by the checkpoint
+    resumed = train(
+        fresh, make_dataset(), mse, config(), checkpoint_root=tmp_path / "b", name="mlp"
+    )
+
+    assert resumed.resumed_from == 4
+    assert resumed.steps == reference.steps == 12
+    assert resumed.history == reference.history
+    assert [entry["step"] for entry in resumed.history] == [2, 4, 6, 8, 10, 12]
+    assert set(resumed.history[0]) == {"step", "loss", "mae", "lr", "samples_seen"}
+    assert resumed.history[-1]["samples_seen"] == 48
+    for got, want in zip(
+        fresh.state_dict().values(), reference_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want)
+
+
+def test_finished_run_started_again_trains_nothing(tmp_path: Path) -> None:
+    first_model = make_model()
+    train(first_model, make_dataset(), mse, config(max_steps=4), checkpoint_root=tmp_path, name="m")
+    again_model = make_model(seed=5)
+    again = train(
+        again_model, make_dataset(), mse, config(max_steps=4), checkpoint_root=tmp_path, name="m"
+    )
+    assert again.resumed_from == 4
+    assert again.steps == 4
+    assert [entry["step"] for entry in again.history] == [2, 4]
+    for got, want in zip(again_model.parameters(), first_model.parameters(), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_non_finite_loss_names_the_step(tmp_path: Path) -> None:
+    calls = 0
+
+    def poisoned(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        loss, _ = mse(model, batch)
+        return loss * float("nan") if calls == 3 else loss
+
+    with pytest.raises(NonFiniteLossError, match="at step 3") as caught:
+        train(make_model(), make_dataset(), poisoned, config(), checkpoint_root=tmp_path, name="m")
+    assert caught.value.step == 3
+
+
+def test_changed_settings_start_fresh_and_bookkeeping_does_not(tmp_path: Path) -> None:
+    settings = config(max_steps=4)
+    first = train(make_model(), make_dataset(), mse, settings, checkpoint_root=tmp_path, name="m")
+    assert (first.run_dir / FINGERPRINT_FILE).is_file()
+    assert first.run_dir.name.startswith("m-")
+
+    changed = train(
+        make_model(),
+        make_dataset(),
+        mse,
+        config(max_steps=4, learning_rate=5e-3),
+        checkpoint_root=tmp_path,
+        name="m",
+    )
+    assert changed.run_dir != first.run_dir
+    assert changed.resumed_from is None
+
+    other_data = train(
+        make_model(),
+        make_dataset(),
+        mse,
+        settings,
+        checkpoint_root=tmp_path,
+        name="m",
+        fingerprint="another dataset",
+    )
+    assert other_data.run_dir not in (first.run_dir, changed.run_dir)
+
+    more_logging = train(
+        make_model(),
+        make_dataset(),
+        mse,
+        config(max_steps=4, log_every=1, checkpoint_every=1),
+        checkpoint_root=tmp_path,
+        name="m",
+    )
+    assert more_logging.run_dir == first.run_dir
+    assert more_logging.resumed_from == 4
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path: Path) -> None:
+    # 16 samples: two micro-batches of 4 are exactly one batch of 8, epoch by epoch.
+    data = make_dataset(16)
+    accumulated = make_model(dropout=0.0)
+    big_batch = make_model(dropout=0.0)
+    result = train(
+        accumulated,
+        data,
+        mse,
+        config(max_steps=6, gradient_accumulation_steps=2),
+        checkpoint_root=tmp_path,
+        name="accumulated",
+    )
+    train(
+        big_batch,
+        data,
+        mse,
+        config(max_steps=6, batch_size=8),
+        checkpoint_root=tmp_path,
+        name="big",
+    )
+    assert result.history[-1]["samples_seen"] == 6 * 8
+    for got, want in zip(accumulated.parameters(), big_batch.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_only_trainable_parameters_change(tmp_path: Path) -> None:
+    model = make_model()
+    frozen_before = [param.detach().clone() for param in model[0].parameters()]
+    head_before = [param.detach().clone() for param in model[3].parameters()]
+    train(
+        model,
+        make_dataset(),
+        mse,
+        config(max_steps=3),
+        checkpoint_root=tmp_path,
+        name="head",
+        trainable_parameters=model[3].parameters(),
+    )
+    for after, before in zip(model[0].parameters(), frozen_before, strict=True):
+        assert torch.equal(after, before)
+    for after, before in zip(model[3].parameters(), head_before, strict=True):
+        assert not torch.equal(after, before)
+    assert all(param.requires_grad for param in model.parameters())  # flags restored
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
+    settings = config(max_steps=10, checkpoint_every=3, checkpoints_total_limit=2)
+    first = train(make_model(), make_dataset(), mse, settings, checkpoint_root=tmp_path, name="m")
+    run_dir = first.run_dir
+    assert sorted(path.name for path in run_dir.iterdir()) == [
+        "checkpoint-10",
+        "checkpoint-9",
+        FINGERPRINT_FILE,
+    ]
+    assert {path.name for path in (run_dir / "checkpoint-10").iterdir()} >= {
+        "model.safetensors",
+        "trainer_state.json",
+    }
+
+    # A write cut short by a crash: never resumed from, and cleared on the next start.
+    partial = run_dir / ".tmp-checkpoint-99"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    again = train(make_model(), make_dataset(), mse, settings, checkpoint_root=tmp_path, name="m")
+    assert again.resumed_from == 10
+    assert not any(path.name.startswith(".tmp") for path in run_dir.iterdir())
+
+
+def test_mixed_precision_wrapper_is_removed(tmp_path: Path) -> None:
+    model = make_model()
+    train(
+        model,
+        make_dataset(),
+        mse,
+        config(max_steps=2, mixed_precision="bf16"),
+        checkpoint_root=tmp_path,
+        name="bf16",
+    )
+    assert "_original_forward" not in model.__dict__
+    assert model(torch.randn(2, 3)).dtype == torch.float32
+
+
+def test_config_rejects_unknown_keys() -> None:
+    with pytest.raises(ValueError, match="learning_rat"):
+        TrainConfig(max_steps=1, batch_size=1, learning_rate=1e-3, learning_rat=1e-3)
