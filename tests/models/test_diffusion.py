@@ -148,6 +148,13 @@ def test_loss_is_a_finite_scalar(prediction_type: str, snr_gamma: float | None) 
     assert set(metrics) == {"mse"}
 
 
+def assert_same_pictures(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to one uint8 level: with several threads, float kernels may round the last
+    bit differently for another batch size, which can flip a pixel's rounding."""
+    assert actual.shape == expected.shape
+    assert np.abs(actual.astype(int) - expected.astype(int)).max() <= 1
+
+
 def test_sampler_is_deterministic_per_seed() -> None:
     unet, scheduler = tiny_unet(), build_noise_scheduler()
     prompts = torch.randn(5, 6, WIDTH)
@@ -166,7 +173,7 @@ def test_sampler_is_deterministic_per_seed() -> None:
     regrouped = sample(
         unet, scheduler, prompts[picked], empty, seeds=[13, 10, 14], batch_size=2, **kwargs
     )
-    np.testing.assert_array_equal(first[picked], regrouped)
+    assert_same_pictures(regrouped, first[picked])
     other_seed = sample(unet, scheduler, prompts[:1], empty, seeds=[99], **kwargs)
     assert not np.array_equal(first[0], other_seed[0])
 
@@ -185,7 +192,7 @@ def test_classifier_free_guidance() -> None:
     self_negative = sample(
         unet, scheduler, prompts, prompts, guidance_scale=4.0, num_inference_steps=3, seeds=seeds
     )
-    np.testing.assert_array_equal(plain, self_negative)
+    assert_same_pictures(self_negative, plain)
     with pytest.raises(ValueError, match="negative_embeds"):
         sample(unet, scheduler, prompts, guidance_scale=2.0, num_inference_steps=3, seeds=seeds)
     with pytest.raises(ValueError, match="seeds"):
@@ -259,7 +266,7 @@ def test_extra_condition_reaches_the_attention_processors() -> None:
     torch.testing.assert_close(seen[0][3:], users[:3])
     assert not np.array_equal(with_users, run(no_user, [0, 1, 2, 3], batch_size=3))
     # Per-image tensors follow their image into any batch.
-    np.testing.assert_array_equal(with_users[[2, 0]], run(users, [2, 0], batch_size=2))
+    assert_same_pictures(run(users, [2, 0], batch_size=2), with_users[[2, 0]])
 
 
 def test_latent_model_is_decoded_by_its_vae() -> None:

@@ -265,7 +265,8 @@ def sample(
     ``scheduler`` is any diffusers scheduler whose config describes the training noise; a
     fresh ``DDIMScheduler`` is built from it, so the caller's object is never stepped.
     Image ``i`` starts from ``torch.Generator().manual_seed(seeds[i])`` noise, so a seed gives
-    the same picture whatever else shares its batch.
+    the same picture whatever else shares its batch (up to float rounding, which multithreaded
+    kernels may do differently for another batch size: at most one uint8 level).
 
     ``extra_condition`` is passed to every UNet call as keyword arguments (e.g.
     ``cross_attention_kwargs`` or ``added_cond_kwargs``), so a user branch plugs in through

@@ -184,7 +184,10 @@ def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> di
     return {
         "seed": seed,
         "steps": result.steps,
+        # Time of this call; a run resumed from a checkpoint (resumed_from_step) trained
+        # those steps in an earlier call.
         "wall_seconds": time.perf_counter() - started,
+        "resumed_from_step": result.resumed_from,
         "metrics": metrics,
         "learning_curve": [
             {"step": entry["step"], "loss": round(entry["loss"], 4)} for entry in result.history
@@ -422,7 +425,11 @@ def write_foundation_manifest(
             seed=report["seed"],
             wall_seconds=report["wall_seconds"],
             metrics=report["metrics"],
-            extra={"steps": report["steps"], "learning_curve": report["learning_curve"]},
+            extra={
+                "steps": report["steps"],
+                "resumed_from_step": report["resumed_from_step"],
+                "learning_curve": report["learning_curve"],
+            },
         )
         for name, (model, report) in models.items()
     }
