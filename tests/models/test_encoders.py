@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from prefgen_kedro.models.batches import class_indices
 from prefgen_kedro.models.clip import (
     ClipWithAttributeHeads,
     build_conditioning_clip,
@@ -15,18 +16,14 @@ from prefgen_kedro.models.clip import (
 from prefgen_kedro.models.clip_tokenizer import build_clip_tokenizer
 from prefgen_kedro.models.oracle import AttributeOracle, head_accuracy, oracle_training_data
 from prefgen_kedro.world.agent_world import render_set
-from prefgen_kedro.world.vocabulary import CATEGORIES, SUBJECTS
+from prefgen_kedro.world.vocabulary import CATEGORIES, HEADS, SUBJECTS
 
 SIZE = 16
-HEADS = {"subject": list(SUBJECTS)} | {c: list(v) for c, v in CATEGORIES.items()}
 
 
 def grouped_batch(renders, input_ids):
     """Both groups of ``renders`` as one batch, with every head's labels."""
-    labels = {
-        head: torch.tensor([classes.index(v) for v in renders.labels()[head]])
-        for head, classes in HEADS.items()
-    }
+    labels = class_indices(renders.labels(), HEADS)
     data = clip_training_data(renders.images, input_ids, SIZE, group_size=4, labels=labels)
     assert len(data) == 2 and data[0]["pixel_values"].shape == (4, 3, SIZE, SIZE)
     return {key: torch.stack([data[0][key], data[1][key]]) for key in data[0]}

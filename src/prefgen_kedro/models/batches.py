@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch.utils.data import Dataset
+
+
+def class_indices(
+    names: Mapping[str, Sequence[str]], classes: Mapping[str, Sequence[str]]
+) -> dict[str, torch.Tensor]:
+    """For each head of ``classes``, the index of every name of ``names[head]`` among it."""
+    return {
+        head: torch.tensor([list(options).index(name) for name in names[head]])
+        for head, options in classes.items()
+    }
 
 
 class TensorDictDataset(Dataset):

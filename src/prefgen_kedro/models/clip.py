@@ -20,7 +20,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.models.batches import TensorDictDataset
-from prefgen_kedro.world.vocabulary import CATEGORIES, SUBJECTS, caption
+from prefgen_kedro.world.vocabulary import HEADS, caption
 
 # CLIP's own normalisation: the tiny models use it too, so a hub CLIP and ours take the
 # same pixels.
@@ -305,7 +305,7 @@ def zero_shot_accuracy(
         [encode_images(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     )
     accuracy = {}
-    for category, values in {"subject": SUBJECTS, **CATEGORIES}.items():
+    for category, values in HEADS.items():
         texts = []
         for subject, style in zip(subjects, styles, strict=True):
             for value in values:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from prefgen_kedro.models.batches import TensorDictDataset
+from prefgen_kedro.models.batches import TensorDictDataset, class_indices
 
 
 def _block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -89,11 +89,9 @@ def oracle_training_data(
     images: np.ndarray, labels: Mapping[str, Sequence[str]], heads: Mapping[str, Sequence[str]]
 ) -> TensorDictDataset:
     """Pixels plus one integer label tensor per head (class index in ``heads``)."""
-    targets = {
-        head: torch.tensor([list(classes).index(name) for name in labels[head]])
-        for head, classes in heads.items()
-    }
-    return TensorDictDataset(pixel_values=to_oracle_pixels(images, images.shape[1]), **targets)
+    return TensorDictDataset(
+        pixel_values=to_oracle_pixels(images, images.shape[1]), **class_indices(labels, heads)
+    )
 
 
 def head_accuracy(

@@ -172,6 +172,10 @@ class RenderSet:
     def captions(self) -> list[str]:
         return [caption(s, style) for s, style in zip(self.subjects, self.styles, strict=True)]
 
+    def first(self, n: int) -> RenderSet:
+        """The first ``n`` renders (ungrouped)."""
+        return RenderSet(self.subjects[:n], self.styles[:n], self.images[:n])
+
     def labels(self) -> dict[str, list[str]]:
         """The true class of every image for the subject and each category."""
         return {"subject": self.subjects} | {

@@ -99,6 +99,10 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "tone": TONES,
 }
 
+# Everything a picture shows that a reader (oracle, CLIP heads) can name: the subject, then
+# each category, with its classes.
+HEADS: dict[str, tuple[str, ...]] = {"subject": SUBJECTS, **CATEGORIES}
+
 
 @dataclass(frozen=True)
 class Attribute:

@@ -19,6 +19,7 @@ from pydantic import Field
 from transformers import CLIPModel, CLIPTokenizer
 
 from prefgen_kedro.foundation import manifest_entry
+from prefgen_kedro.models.batches import class_indices
 from prefgen_kedro.models.clip import (
     ClipWithAttributeHeads,
     EvaluationClip,
@@ -52,7 +53,7 @@ from prefgen_kedro.models.oracle import (
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.training import TrainConfig, TrainResult, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
-from prefgen_kedro.world.vocabulary import CATEGORIES, SUBJECTS, world_hash
+from prefgen_kedro.world.vocabulary import HEADS, world_hash
 
 
 class RenderSetParams(StrictParams):
@@ -176,8 +177,8 @@ def _fingerprint(renders: RenderSet, architecture: StrictParams) -> str:
 
 
 def _heads() -> dict[str, list[str]]:
-    """The classes every attribute head reads: the subject, then each category."""
-    return {"subject": list(SUBJECTS)} | {c: list(v) for c, v in CATEGORIES.items()}
+    """The classes every attribute head reads, as lists (they go into saved configs)."""
+    return {head: list(classes) for head, classes in HEADS.items()}
 
 
 def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> dict:
@@ -210,10 +211,7 @@ def _train_clip(
 ) -> TrainResult:
     """Contrastive training on grouped renders with the auxiliary attribute heads."""
     heads = _heads()
-    labels = {
-        head: torch.tensor([classes.index(value) for value in renders.labels()[head]])
-        for head, classes in heads.items()
-    }
+    labels = class_indices(renders.labels(), heads)
     return train(
         ClipWithAttributeHeads(clip, {head: len(classes) for head, classes in heads.items()}),
         clip_training_data(
@@ -324,7 +322,7 @@ def train_base_diffusion(
     dataset, empty = diffusion_training_data(
         renders.images, renders.captions, text_encoder, clip_tokenizer
     )
-    shown = _subset(heldout, params.grid_captions)
+    shown = heldout.first(params.grid_captions)
     sampling = params.sampling.model_dump(exclude={"batch_size"})
     result = train(
         unet,
@@ -350,7 +348,7 @@ def train_base_diffusion(
         ),
     )
     unet = _round_to_half(unet)
-    asked = _subset(heldout, params.eval_captions)
+    asked = heldout.first(params.eval_captions)
     samples = sample(
         unet,
         noise_scheduler,
@@ -371,10 +369,6 @@ def train_base_diffusion(
     grid = sample_grid(samples[: params.grid_captions], asked.images, asked.captions)
     report = _report(result, params.train.seed, metrics, started)
     return unet.half(), noise_scheduler, report, grid
-
-
-def _subset(renders: RenderSet, n: int) -> RenderSet:
-    return RenderSet(renders.subjects[:n], renders.styles[:n], renders.images[:n])
 
 
 def check_fid_network(heldout: RenderSet, params: FidCheckParams) -> dict:
