@@ -154,6 +154,9 @@ def train(
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # Without a GPU, accelerate only forms a multi-process (gloo) group when told it is on
+        # the CPU; `torchrun`/`accelerate launch` then scale a trainer here as on a cluster.
+        cpu=not torch.cuda.is_available(),
     )
     prepared = model
     try:

@@ -158,7 +158,7 @@ def test_only_answer_tokens_and_eos_carry_labels(world, examples, processor):
     assert 0.0 <= metrics["first_token_accuracy"] <= 1.0
 
 
-def test_slot_positions_share_one_range_per_group(world, processor):
+def test_slot_positions_put_every_image_slot_on_one_range(world, processor):
     pictures = list(world.pictures.values())
     image_id = processor.image_token_id
 
@@ -170,20 +170,50 @@ def test_slot_positions_share_one_range_per_group(world, processor):
         return images, positions, ids
 
     images, positions, ids = slot_positions(3, 2)
-    liked, disliked, query = images[:3], images[3:5], images[5]
-    assert (liked == liked[0]).all() and (disliked == disliked[0]).all()
-    assert liked[0, 0] < disliked[0, 0] < query[0]
+    # liked, disliked and query images all sit on one range: any two are at distance 0
+    assert (images == images[0]).all()
     # every marker sits right before its slot's first image position
     markers = torch.isin(
         ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(MARKERS)))
     )
     assert (positions[markers] == images[:, 0] - 1).all()
-    # the query's slot and the answer do not move with K
-    assert torch.equal(slot_positions(1, 1)[0][-1], query)
+    # text after a slot continues from its end, so it runs on monotonically between slots
+    after_query = positions[(ids == image_id).nonzero().max() + 1 :]
+    assert torch.equal(after_query, torch.arange(len(after_query)) + images[0, -1] + 1)
+    # the answer's positions do not move with K
     assert slot_positions(1, 1)[1][-1] == positions[-1]
     # without the option, positions are left to the model
     plain = encode_vqa(processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
     assert "position_ids" not in plain
+
+
+def test_group_tags_add_each_image_its_markers_embedding(world, processor):
+    pictures = list(world.pictures.values())
+    context = PreferenceContext(pictures[:2], pictures[2:3])
+    batch = collate_vqa(
+        [encode_vqa(processor, context, pictures[3])],
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    tagged = tiny_mllm(processor, tag_image_groups=True).eval()
+    untagged = tiny_mllm(processor).eval()
+    captured = {}
+    for name, model in (("tagged", tagged), ("untagged", untagged)):
+        model.model.language_model.register_forward_pre_hook(
+            lambda _, args, kwargs, name=name: captured.update({name: kwargs["inputs_embeds"]}),
+            with_kwargs=True,
+        )
+        with torch.inference_mode():
+            model(**batch)
+    ids = batch["input_ids"][0]
+    is_image = ids == processor.image_token_id
+    difference = (captured["tagged"] - captured["untagged"])[0]
+    assert (difference[~is_image] == 0).all()  # text is untouched
+    embed = tagged.get_input_embeddings().weight
+    markers = [processor.tokenizer.convert_tokens_to_ids(m) for m in MARKERS]
+    expected = [markers[0]] * 2 + [markers[1]] + [markers[2]]  # liked, liked, disliked, query
+    for image, marker in enumerate(expected):
+        rows = difference[is_image].view(4, GRID**2, -1)[image]
+        assert torch.allclose(rows, embed[marker].expand_as(rows), atol=1e-6)
 
 
 def test_vision_tower_starts_from_the_conditioning_clip(processor):
@@ -223,15 +253,17 @@ def test_saved_model_and_processor_load_through_the_auto_classes(world, examples
         assert torch.allclose(model(**batch).logits, reference(**batch).logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("grid", [1, 4])
-def test_processor_writes_as_many_image_tokens_as_the_model_fills(world, processor, grid):
+@pytest.mark.parametrize(("grid", "cls_token"), [(1, False), (4, False), (1, True), (2, True)])
+def test_processor_writes_as_many_image_tokens_as_the_model_fills(
+    world, processor, grid, cls_token
+):
     grid_processor = build_tiny_processor(
-        processor.tokenizer, image_size=SIZE, image_token_grid=grid
+        processor.tokenizer, image_size=SIZE, image_token_grid=grid, cls_token=cls_token
     )
-    model = tiny_mllm(grid_processor, image_token_grid=grid)
+    model = tiny_mllm(grid_processor, image_token_grid=grid, cls_token=cls_token)
     pictures = list(world.pictures.values())
     item = encode_vqa(grid_processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
-    assert (item["input_ids"] == grid_processor.image_token_id).sum() == 3 * grid**2
+    assert (item["input_ids"] == grid_processor.image_token_id).sum() == 3 * (grid**2 + cls_token)
     batch = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)
     assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
 

@@ -12,9 +12,13 @@ from prefgen_kedro.models.vqa import (
     LIKED_MARKER,
     QUERY_MARKER,
     build_prompt,
+    counting_rule_accuracy,
+    counting_rule_score,
     examples_from_table,
     examples_table,
+    parse_taste,
     sample_vqa_examples,
+    taste_text,
     vqa_corpus,
 )
 from prefgen_kedro.world.agent_world import generate_agent_world
@@ -169,3 +173,23 @@ def test_corpus_holds_captions_question_and_answers(world):
     corpus = vqa_corpus(world.images["caption"])
     assert set(world.images["caption"]) <= set(corpus)
     assert {"Yes", "No", "Does the user like this image?"} <= set(corpus)
+
+
+def test_counting_rule_counts_liked_minus_disliked_occurrences_and_halves_ties():
+    liked = [["a", "b"], ["a", "c"]]
+    disliked = [["b", "d"]]
+    assert counting_rule_score(liked, disliked, ["a", "x"]) == 2
+    assert counting_rule_score(liked, disliked, ["b"]) == 0
+    assert counting_rule_score(liked, disliked, ["d", "b"]) == -1
+    # right, tie (half), wrong, right
+    assert counting_rule_accuracy([2, 0, -1, -3], [LIKED, LIKED, LIKED, DISLIKED]) == 2.5 / 4
+    with pytest.raises(ValueError, match="as many scores"):
+        counting_rule_accuracy([1], [])
+
+
+def test_taste_answer_reads_back():
+    text = taste_text(["dotted", "red"], ["night"])
+    assert text == "likes: dotted, red. dislikes: night."
+    assert parse_taste(text) == (["dotted", "red"], ["night"])
+    assert parse_taste("likes: . dislikes: teal, dark.") == ([], ["teal", "dark"])
+    assert parse_taste("Yes") == ([], [])

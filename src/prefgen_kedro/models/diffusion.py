@@ -168,9 +168,10 @@ class DiffusionLoss:
     """``compute_loss(model, batch)``: the denoising MSE of the scheduler's prediction type
     (the unweighted MSE is also reported as the metric ``mse``).
 
-    ``batch`` holds ``pixel_values`` (the clean sample) and ``prompt_embeds``; each caption
-    is replaced by ``empty_prompt_embeds`` with probability ``caption_dropout``, which
-    teaches the unconditional model that classifier-free guidance needs. With
+    ``batch`` holds ``pixel_values`` (the clean sample) and ``prompt_embeds`` (and the
+    ``user_keys`` of a user-conditioned model); each caption is replaced by
+    ``empty_prompt_embeds`` with probability ``caption_dropout``, which teaches the
+    unconditional model that classifier-free guidance needs. With
     ``snr_gamma`` the per-sample loss is Min-SNR-γ weighted (Hang et al., 2023). All
     randomness is drawn from torch's global RNG, which the trainer checkpoints.
     """
@@ -179,6 +180,10 @@ class DiffusionLoss:
     empty_prompt_embeds: torch.Tensor
     caption_dropout: float = 0.1
     snr_gamma: float | None = 5.0
+    # A user branch's parts (batch keys) go to the model as ``user_parts``; each sample's
+    # are zeroed (the "no user" condition) with probability ``user_dropout``.
+    user_keys: tuple[str, ...] = ()
+    user_dropout: float = 0.0
 
     def __call__(
         self, model: nn.Module, batch: Mapping[str, torch.Tensor]
@@ -202,7 +207,11 @@ class DiffusionLoss:
             target = self.noise_scheduler.get_velocity(clean, noise, timesteps)
         else:
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-        prediction = model(noisy, timesteps, encoder_hidden_states=prompt_embeds).sample
+        extra = {}
+        if self.user_keys:
+            kept = (torch.rand(n, device=clean.device) >= self.user_dropout)[:, None]
+            extra["user_parts"] = {key: batch[key] * kept for key in self.user_keys}
+        prediction = model(noisy, timesteps, encoder_hidden_states=prompt_embeds, **extra).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
         per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
         metrics = {"mse": per_sample.mean().item()}
@@ -255,6 +264,7 @@ def sample(
     seeds: Sequence[int],
     extra_condition: Mapping[str, Any] | None = None,
     negative_extra_condition: Mapping[str, Any] | None = None,
+    extra_guidance_scale: float | None = None,
     batch_size: int = 64,
     vae: AutoencoderKL | None = None,
 ) -> np.ndarray:
@@ -274,14 +284,20 @@ def sample(
     nested mappings, is per image (first dimension N) and is cut into the same batches as
     the prompts; anything else is passed unchanged. Under guidance the unconditional half
     gets ``negative_extra_condition`` (default: the same as ``extra_condition``). With
-    ``vae`` the UNet works in its latent space and images are decoded, as in SD.
+    ``extra_guidance_scale`` the two conditions get their own scales (compositional
+    guidance, as InstructPix2Pix does for its two): ``ε(∅, ∅') + guidance_scale ·
+    (ε(c, ∅') − ε(∅, ∅')) + extra_guidance_scale · (ε(c, e) − ε(c, ∅'))`` with ``c`` the
+    prompt, ``e`` the extra condition and ``∅'`` the negative one. With ``vae`` the UNet
+    works in its latent space and images are decoded, as in SD.
     """
     n = len(seeds)
     if prompt_embeds.shape[0] != n:
         raise ValueError(f"{prompt_embeds.shape[0]} prompt embeddings but {n} seeds")
-    guided = guidance_scale != 1.0
+    guided = guidance_scale != 1.0 or extra_guidance_scale is not None
     if guided and negative_embeds is None:
-        raise ValueError("guidance_scale != 1 needs negative_embeds (e.g. the empty prompt)")
+        raise ValueError("guidance needs negative_embeds (e.g. the empty prompt)")
+    if extra_guidance_scale is not None and negative_extra_condition is None:
+        raise ValueError("extra_guidance_scale needs negative_extra_condition")
     if guided:
         negative_embeds = negative_embeds.expand(n, -1, -1)
     extra_condition = dict(extra_condition or {})
@@ -308,22 +324,27 @@ def sample(
                 ).to(device)
                 * ddim.init_noise_sigma
             )
-            condition = prompt_embeds[index]
-            extra = _per_image(extra_condition, index)
+            # The branches evaluated each step, stacked on the batch dimension.
+            texts = [prompt_embeds[index]]
+            extras = [_per_image(extra_condition, index)]
             if guided:
-                condition = torch.cat([negative_embeds[index], condition])
-                extra = _stacked(_per_image(negative_extra_condition, index), extra)
-            condition = condition.to(device, dtype)
+                texts.insert(0, negative_embeds[index])
+                extras.insert(0, _per_image(negative_extra_condition, index))
+            if extra_guidance_scale is not None:  # the prompt without the extra condition
+                texts.insert(1, prompt_embeds[index])
+                extras.insert(1, extras[0])
+            condition = torch.cat(texts).to(device, dtype)
+            extra = extras[0]
+            for more in extras[1:]:
+                extra = _stacked(extra, more)
             extra = _to_unet(extra, device, dtype)
             for timestep in ddim.timesteps:
-                model_input = torch.cat([latents] * 2) if guided else latents
+                model_input = torch.cat([latents] * len(texts))
                 model_input = ddim.scale_model_input(model_input, timestep).to(dtype)
-                output = unet(
+                outputs = unet(
                     model_input, timestep, encoder_hidden_states=condition, **extra
                 ).sample.float()
-                if guided:
-                    unconditional, conditional = output.chunk(2)
-                    output = unconditional + guidance_scale * (conditional - unconditional)
+                output = _guided(outputs.chunk(len(texts)), guidance_scale, extra_guidance_scale)
                 latents = ddim.step(output, timestep, latents).prev_sample
             if vae is not None:
                 latents = vae.decode(
@@ -333,6 +354,23 @@ def sample(
     finally:
         unet.train(was_training)
     return np.concatenate(images)
+
+
+def _guided(
+    outputs: Sequence[torch.Tensor], guidance_scale: float, extra_guidance_scale: float | None
+) -> torch.Tensor:
+    """Combine the branch outputs: [conditional], [∅, conditional] or [∅, prompt, full]."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if len(outputs) == 2:
+        unconditional, conditional = outputs
+        return unconditional + guidance_scale * (conditional - unconditional)
+    unconditional, prompt_only, full = outputs
+    return (
+        unconditional
+        + guidance_scale * (prompt_only - unconditional)
+        + extra_guidance_scale * (full - prompt_only)
+    )
 
 
 def generate(

@@ -15,12 +15,16 @@ sequences for many images. It is registered with ``AutoConfig`` and
 ``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` whose ``patch_size`` is the
 pooled token's footprint (16 px), so it writes as many image tokens as the model fills.
 
-Slot-aligned positions (option ``slot_positions``): every liked image's slot (its group
-marker token and its image tokens) gets the same position ids, every disliked image's slot
-another shared range, the query's a third, and text continues after each group's range. The
-model then sees each group as a set, and the positions no longer depend on K; a
-from-scratch tiny model learned preferences only with it. They are plain ``position_ids``,
-for models with 1-D positions (not Qwen2-VL's 3-D M-RoPE; leave it off there).
+Two options help a model that learns comparison from nothing (the tiny one), neither changes
+what the processor writes:
+
+- Slot-aligned positions (``slot_positions``): every image slot (its group marker and its
+  image tokens) gets the same position ids, and text continues after a slot's end. Any two
+  images are then at distance 0, so attention compares them by content alone, and the
+  positions do not depend on K. Plain ``position_ids``, for models with 1-D positions (not
+  Qwen2-VL's 3-D M-RoPE; leave it off there).
+- Group tags (config ``tag_image_groups``): each image's tokens also carry the embedding of
+  the marker before them, so which group an image is in is part of every image token.
 
 Public API:
 
@@ -68,6 +72,7 @@ from prefgen_kedro.models.vqa import (
     IMAGE_PLACEHOLDER,
     MARKERS,
     NO,
+    QUESTION,
     YES,
     VqaExample,
     build_prompt,
@@ -82,8 +87,6 @@ _TOKEN_KEYS = frozenset(
 _PAD_VALUES = {"labels": IGNORE_INDEX}
 # The tiny chat template's role words, added to the tokenizer's corpus so each is few tokens.
 _CHAT_ROLES = ("USER:", "ASSISTANT:")
-# Groups of images in a VQA prompt, in prompt order (slot-aligned positions share per group).
-LIKED_GROUP, DISLIKED_GROUP, QUERY_GROUP = 0, 1, 2
 
 # "USER: <prompt>\nASSISTANT:" — the answer follows the colon directly, in training and
 # generation alike; assistant turns end with the eos token.
@@ -105,10 +108,12 @@ TINY_CHAT_TEMPLATE = (
 
 @strict
 class PooledLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` plus the side of the pooled image-token grid."""
+    """``LlavaConfig`` plus the side of the pooled image-token grid and whether image tokens
+    carry their group marker's embedding."""
 
     model_type = "prefgen_pooled_llava"
     image_token_grid: int = 2
+    tag_image_groups: bool = False
 
 
 class _PooledProjector(LlavaMultiModalProjector):
@@ -117,22 +122,24 @@ class _PooledProjector(LlavaMultiModalProjector):
     def __init__(self, config: PooledLlavaConfig) -> None:
         super().__init__(config)
         self.grid = config.image_token_grid
+        self.keep_cls = config.vision_feature_select_strategy == "full"
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         n, tokens, width = image_features.shape
-        side = round(tokens**0.5)
-        if side * side != tokens:
-            raise ValueError(
-                f"{tokens} image features are not a square grid; the vision tower's CLS token "
-                "must be dropped (vision_feature_select_strategy='default')"
-            )
-        grid = image_features.transpose(1, 2).reshape(n, width, side, side)
+        # With vision_feature_select_strategy="full" the CLS token comes first and is kept.
+        cls = image_features[:, :1] if self.keep_cls else image_features[:, :0]
+        patches = image_features[:, cls.shape[1] :]
+        side = round(patches.shape[1] ** 0.5)
+        if side * side != patches.shape[1]:
+            raise ValueError(f"{patches.shape[1]} patch features are not a square grid")
+        grid = patches.transpose(1, 2).reshape(n, width, side, side)
         pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
-        return super().forward(pooled)
+        return super().forward(torch.cat([cls, pooled], dim=1))
 
 
 class PooledLlavaModel(LlavaModel):
-    """``LlavaModel`` with the pooling projector."""
+    """``LlavaModel`` with the pooling projector and, with ``tag_image_groups``, image tokens
+    that carry the embedding of the token right before their run (the group marker)."""
 
     config_class = PooledLlavaConfig
 
@@ -140,6 +147,37 @@ class PooledLlavaModel(LlavaModel):
         super().__init__(config)
         self.multi_modal_projector = _PooledProjector(config)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not (
+            self.config.tag_image_groups and input_ids is not None and pixel_values is not None
+        ):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        if kwargs.pop("mm_encoder_outputs", None) is not None:
+            raise ValueError("give pixel_values or mm_encoder_outputs, not both")
+        # A segment embedding, as BERT's: without it a group is only known to an image token
+        # through an attention hop to its marker, and the tiny model never found that hop.
+        image_outputs = self.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=kwargs.get("vision_feature_layer"),
+            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+            return_dict=True,
+        )
+        is_image = input_ids == self.config.image_token_id
+        before = F.pad(input_ids[:, :-1], (1, 0), value=self.config.image_token_id)
+        run_starts = is_image & (before != self.config.image_token_id)
+        tags = self.get_input_embeddings()(before[run_starts])  # one per image, in order
+        image_outputs.pooler_output = [
+            features + tag for features, tag in zip(image_outputs.pooler_output, tags, strict=True)
+        ]
+        return super().forward(
+            input_ids=input_ids, mm_encoder_outputs={"image": image_outputs}, **kwargs
+        )
 
 
 class PooledLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -169,8 +207,10 @@ def train_tokenizer(
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    corpus = list(corpus)
     backend.train_from_iterator(
-        [*corpus, *_CHAT_ROLES],
+        # The chat roles are in every sample: as frequent as the corpus's lines, so merged.
+        [*corpus, *_CHAT_ROLES * max(1, len(corpus) // len(_CHAT_ROLES))],
         trainers.BpeTrainer(
             vocab_size=vocab_size,
             special_tokens=specials,
@@ -194,10 +234,15 @@ def train_tokenizer(
 
 
 def build_tiny_processor(
-    tokenizer: PreTrainedTokenizerBase, *, image_size: int, image_token_grid: int
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    image_size: int,
+    image_token_grid: int,
+    cls_token: bool = False,
 ) -> LlavaProcessor:
     """A ``LlavaProcessor`` for ``image_size`` pictures (normalised as CLIP, never resized or
-    cropped) writing ``image_token_grid``² image tokens each, with the tiny chat template."""
+    cropped) writing ``image_token_grid``² image tokens each (one more with ``cls_token``),
+    with the tiny chat template."""
     if image_size % image_token_grid:
         raise ValueError(f"image_size {image_size} is not a multiple of {image_token_grid}")
     image_processor = CLIPImageProcessor(
@@ -212,6 +257,9 @@ def build_tiny_processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=image_size // image_token_grid,
+        # LLaVA's convention: the CLS token is the one additional token, dropped by "default".
+        vision_feature_select_strategy="full" if cls_token else "default",
+        num_additional_image_tokens=1,
         image_token=IMAGE_PLACEHOLDER,
         chat_template=TINY_CHAT_TEMPLATE,
     )
@@ -229,6 +277,8 @@ def build_tiny_mllm(
     vision_config: Mapping[str, Any] | None = None,
     vision_from: CLIPModel | None = None,
     vision_feature_layer: int = -1,
+    cls_token: bool = False,
+    tag_image_groups: bool = False,
 ) -> PooledLlavaForConditionalGeneration:
     """The tiny LLaVA, randomly initialised with ``seed``.
 
@@ -237,7 +287,9 @@ def build_tiny_mllm(
     (the conditioning CLIP: its config and weights). The Llama has ``text_layers`` layers of
     width ``text_width`` (MLP 4× wider) and the tokenizer's vocabulary. Image features are
     read at ``vision_feature_layer`` (default the last, the one the conditioning CLIP was
-    trained through; LLaVA's own default is -2).
+    trained through; LLaVA's own default is -2). With ``cls_token`` each image also gets the
+    vision tower's CLS token (the one CLIP training shaped), before its pooled patches; with
+    ``tag_image_groups`` image tokens carry their marker's embedding (``PooledLlavaModel``).
     """
     if (vision_config is None) == (vision_from is None):
         raise ValueError("give exactly one of vision_config and vision_from")
@@ -246,6 +298,7 @@ def build_tiny_mllm(
         if vision_from is not None
         else {"model_type": "clip_vision_model", **vision_config}
     )
+    vision.pop("dtype", None)  # a half-precision source must not make this model half too
     config = PooledLlavaConfig(
         vision_config=vision,
         text_config={
@@ -262,10 +315,11 @@ def build_tiny_mllm(
             "eos_token_id": tokenizer.eos_token_id,
         },
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=image_token_grid**2,
+        image_seq_length=image_token_grid**2 + cls_token,
         image_token_grid=image_token_grid,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="full" if cls_token else "default",
+        tag_image_groups=tag_image_groups,
     )
     torch.manual_seed(seed)
     model = PooledLlavaForConditionalGeneration(config)
@@ -307,13 +361,13 @@ def encode_chat(
     images: Sequence[np.ndarray],
     answer: str | None = None,
     *,
-    image_groups: Sequence[int] | None = None,
+    slot_positions: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One sample's model inputs (no batch dimension on per-token tensors).
 
     With ``answer``, its tokens and the eos follow the prompt and ``labels`` carry them,
-    every prompt token being ``IGNORE_INDEX``. With ``image_groups`` (one group id per
-    image), ``position_ids`` are slot-aligned (see the module docstring).
+    every prompt token being ``IGNORE_INDEX``. With ``slot_positions``, ``position_ids``
+    are slot-aligned (see the module docstring).
     """
     tokenizer = processor.tokenizer
     encoded = processor(text=chat_text(processor, prompt), images=list(images), return_tensors="pt")
@@ -332,12 +386,12 @@ def encode_chat(
         for key in _TOKEN_KEYS & item.keys():
             item[key] = torch.cat([item[key], appended.get(key, torch.zeros_like(answer_ids))])
         item["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer_ids])
-    if image_groups is not None:
+    if slot_positions:
         item["position_ids"] = slot_position_ids(
             item["input_ids"],
             image_token_id=processor.image_token_id,
             marker_ids=_marker_ids(tokenizer),
-            image_groups=image_groups,
+            n_images=len(images),
         )
     return item
 
@@ -349,37 +403,30 @@ def encode_vqa(
     answer: str | None = None,
     *,
     slot_positions: bool = False,
+    question: str = QUESTION,
 ) -> dict[str, torch.Tensor]:
-    """``encode_chat`` of the VQA prompt: liked, disliked, then (if given) the query image."""
+    """``encode_chat`` of the VQA prompt: liked, disliked, then (if given) the query image
+    and ``question`` (without a query, a ``question`` other than the default ends the prompt)."""
     images = [*context.liked, *context.disliked, *([] if query is None else [query])]
-    groups = (
-        [LIKED_GROUP] * len(context.liked)
-        + [DISLIKED_GROUP] * len(context.disliked)
-        + ([] if query is None else [QUERY_GROUP])
+    prompt = build_prompt(
+        len(context.liked), len(context.disliked), with_query=query is not None, question=question
     )
-    prompt = build_prompt(len(context.liked), len(context.disliked), with_query=query is not None)
-    return encode_chat(
-        processor, prompt, images, answer, image_groups=groups if slot_positions else None
-    )
+    return encode_chat(processor, prompt, images, answer, slot_positions=slot_positions)
 
 
 def slot_position_ids(
-    input_ids: torch.Tensor,
-    *,
-    image_token_id: int,
-    marker_ids: Collection[int],
-    image_groups: Sequence[int],
+    input_ids: torch.Tensor, *, image_token_id: int, marker_ids: Collection[int], n_images: int
 ) -> torch.Tensor:
-    """Position ids where all slots of a group share one range (see the module docstring).
+    """Position ids where every image slot shares one range (see the module docstring).
 
     A slot is a run of image tokens plus the marker tokens right before it; the first slot
-    of a group starts where the text has got to, every later slot of that group restarts
-    there, and whatever follows a slot continues from its end.
+    starts where the text has got to, every later slot restarts there, and whatever follows
+    a slot continues from its end.
     """
     ids = input_ids.tolist()
     positions: list[int] = []
-    group_start: dict[int, int] = {}
-    slot = 0
+    slot_start: int | None = None
+    slots = 0
     position = 0
     i = 0
     while i < len(ids):
@@ -389,20 +436,18 @@ def slot_position_ids(
         if i < len(ids) and ids[i] == image_token_id:
             while i < len(ids) and ids[i] == image_token_id:
                 i += 1
-            if slot >= len(image_groups):
-                raise ValueError(f"more image-token runs than the {len(image_groups)} images")
-            first = group_start.setdefault(image_groups[slot], position)
-            positions.extend(range(first, first + i - start))
-            position = first + i - start
-            slot += 1
+            slot_start = position if slot_start is None else slot_start
+            positions.extend(range(slot_start, slot_start + i - start))
+            position = slot_start + i - start
+            slots += 1
         else:
             # Markers not followed by an image, or plain text: positions run on.
             i = max(i, start + 1)
             positions.extend(range(position, position + i - start))
             position += i - start
-    if slot != len(image_groups):
+    if slots != n_images:
         raise ValueError(
-            f"found {slot} image-token runs for {len(image_groups)} images: slot positions need "
+            f"found {slots} image-token runs for {n_images} images: slot positions need "
             "a non-image token between two images (the group markers)"
         )
     return torch.tensor(positions)
@@ -582,12 +627,16 @@ class MllmPreferenceModel:
 
     @torch.inference_mode()
     def answer(
-        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray]
+        self,
+        contexts: Sequence[PreferenceContext],
+        queries: Sequence[np.ndarray] | None,
+        question: str = QUESTION,
     ) -> list[str]:
-        """The greedy answer (with its reason) for each (context, query)."""
+        """The greedy answer for each (context, query): with the default question, "Yes"/"No"
+        and its reason; with ``TASTE_QUESTION`` and no queries, the user's taste."""
         tokenizer = self.processor.tokenizer
         answers = []
-        for batch in self._batches(contexts, queries):
+        for batch in self._batches(contexts, queries, question):
             generated = self.model.generate(
                 **batch,
                 max_new_tokens=self.max_new_tokens,
@@ -602,7 +651,10 @@ class MllmPreferenceModel:
         return [text.strip() for text in answers]
 
     def _batches(
-        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray] | None
+        self,
+        contexts: Sequence[PreferenceContext],
+        queries: Sequence[np.ndarray] | None,
+        question: str = QUESTION,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Left-padded batches (the last column is every sample's last prompt token)."""
         if queries is not None and len(queries) != len(contexts):
@@ -615,6 +667,7 @@ class MllmPreferenceModel:
                     context,
                     None if queries is None else queries[start + offset],
                     slot_positions=self.slot_positions,
+                    question=question,
                 )
                 for offset, context in enumerate(contexts[start : start + self.batch_size])
             ]

@@ -11,14 +11,15 @@ before its placeholder: the prototype learned preference comparison only once ea
 a distinct marker (and the slot-aligned positions of ``mllm.py``, which find slots by them).
 
 Public API: ``VqaExample``, ``sample_vqa_examples``, ``build_prompt``, ``vqa_corpus``,
-``examples_table`` / ``examples_from_table``, the placeholder and marker strings, and
-``YES`` / ``NO``.
+``examples_table`` / ``examples_from_table``, ``sample_contexts``, ``counting_rule_score`` /
+``counting_rule_accuracy`` (the reference a reader of the attributes reaches), the
+placeholder and marker strings, and ``YES`` / ``NO``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -47,6 +48,8 @@ YES, NO = "Yes", "No"
 LIKED_INTRO = "I like these images:"
 DISLIKED_INTRO = "I don't like these images:"
 QUESTION = "Does the user like this image?"
+TASTE_QUESTION = "What does the user like and dislike?"
+LIKES, DISLIKES = "likes:", "dislikes:"
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,26 @@ class VqaExample:
     label: int  # LIKED (1) or DISLIKED (0): the query's label in the user's history
 
 
-def build_prompt(k_liked: int, k_disliked: int, *, with_query: bool = True) -> str:
+def taste_text(liked: Sequence[str], disliked: Sequence[str]) -> str:
+    """The answer to ``TASTE_QUESTION``: "likes: dotted, red. dislikes: night." """
+    return f"{LIKES} {', '.join(liked)}. {DISLIKES} {', '.join(disliked)}."
+
+
+def parse_taste(text: str) -> tuple[list[str], list[str]]:
+    """Inverse of ``taste_text`` for a generated answer; unreadable parts give empty lists."""
+    liked: list[str] = []
+    disliked: list[str] = []
+    for part in (piece.strip() for piece in text.split(".")):
+        for prefix, into in ((DISLIKES, disliked), (LIKES, liked)):
+            if part.startswith(prefix):
+                into += [w.strip() for w in part.removeprefix(prefix).split(",") if w.strip()]
+                break
+    return liked, disliked
+
+
+def build_prompt(
+    k_liked: int, k_disliked: int, *, with_query: bool = True, question: str = QUESTION
+) -> str:
     """The question text with one ``IMAGE_PLACEHOLDER`` per image, each after its marker.
 
     ``build_prompt(1, 1)`` is three lines: ``I like these images: <liked><image>``,
@@ -73,7 +95,9 @@ def build_prompt(k_liked: int, k_disliked: int, *, with_query: bool = True) -> s
         f"{DISLIKED_INTRO} " + (DISLIKED_MARKER + IMAGE_PLACEHOLDER) * k_disliked,
     ]
     if with_query:
-        parts.append(f"{QUESTION} {QUERY_MARKER}{IMAGE_PLACEHOLDER}")
+        parts.append(f"{question} {QUERY_MARKER}{IMAGE_PLACEHOLDER}")
+    elif question != QUESTION:
+        parts.append(question)
     return "\n".join(parts)
 
 
@@ -163,6 +187,54 @@ def sample_vqa_examples(
     return examples
 
 
+def sample_contexts(
+    interactions: pd.DataFrame, users: pd.DataFrame, *, k: int, n_contexts: int, seed: int
+) -> pd.DataFrame:
+    """``n_contexts`` contexts of ``k`` liked + ``k`` disliked images for every user.
+
+    Context 0 is the user's canonical one, the first ``k`` of each side in history order
+    (what a user shows a generator; later stages use it for the user embeddings); the
+    others are random subsets of the history. Columns: ``user_id``, ``split``, ``context``,
+    ``liked``, ``disliked``. Users with fewer than ``k`` images on a side are an error.
+    """
+    require_columns(interactions, INTERACTIONS_COLUMNS, "sample_contexts: interactions")
+    require_columns(users, USERS_COLUMNS, "sample_contexts: users")
+    rng = np.random.default_rng(seed)
+    sides = {
+        user_id: {
+            label: rows.loc[rows["label"] == label, "image_id"].tolist()
+            for label in (LIKED, DISLIKED)
+        }
+        for user_id, rows in interactions.groupby("user_id", sort=False)
+    }
+    rows = []
+    for user in users.sort_values("user_id").itertuples(index=False):
+        history = sides.get(user.user_id, {LIKED: [], DISLIKED: []})
+        short = {label: len(ids) for label, ids in history.items() if len(ids) < k}
+        if short:
+            raise ValueError(
+                f"user {user.user_id} has {short} images (label: count) but k={k} are needed "
+                "per side"
+            )
+        for context in range(n_contexts):
+            drawn = {
+                label: tuple(ids[:k])
+                if context == 0
+                else tuple(ids[i] for i in rng.choice(len(ids), k, replace=False))
+                for label, ids in history.items()
+            }
+            rows.append(
+                {
+                    "user_id": user.user_id,
+                    "split": user.split,
+                    "context": context,
+                    "liked": drawn[LIKED],
+                    "disliked": drawn[DISLIKED],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def _shuffled(ids: Sequence[str], rng: np.random.Generator) -> list[str]:
     return [ids[i] for i in rng.permutation(len(ids))]
 
@@ -195,17 +267,43 @@ def examples_from_table(table: pd.DataFrame) -> list[VqaExample]:
     ]
 
 
-def vqa_corpus(captions: Iterable[str]) -> list[str]:
-    """Text to train a tokenizer on: the captions, the question parts and every answer word."""
+def vqa_corpus(captions: Iterable[str], prompts: Sequence[str] = ()) -> list[str]:
+    """Text to train a tokenizer on: the captions, every answer word, and the question parts
+    plus ``prompts`` (other fixed prompt texts) as often as the captions, since every sample
+    carries them: BPE then merges them into few tokens, and sequences stay short."""
+    captions = list(captions)
     words = [item.value for item in ATTRIBUTES]
     groups = [words[i : i + 3] for i in range(0, len(words), 3)]
+    fixed = [YES, NO, LIKED_INTRO, DISLIKED_INTRO, QUESTION, TASTE_QUESTION, *prompts]
     return [
         *captions,
-        YES,
-        NO,
-        LIKED_INTRO,
-        DISLIKED_INTRO,
-        QUESTION,
+        *fixed * max(1, len(captions)),
         *(answer_text(label, [word]) for label in (LIKED, DISLIKED) for word in words),
         *(answer_text(label, group) for label in (LIKED, DISLIKED) for group in groups),
+        *(taste_text(group, group[::-1]) for group in groups),
     ]
+
+
+def counting_rule_score(
+    liked: Sequence[Collection[str]], disliked: Sequence[Collection[str]], query: Collection[str]
+) -> int:
+    """Σ over the query's attributes of (liked context images showing it − disliked ones).
+
+    The rule a reader of the true attributes would apply to a context: no weights, no
+    knowledge of the user beyond the context; its sign is its answer (0 is a coin flip).
+    """
+    return sum(
+        sum(a in image for image in liked) - sum(a in image for image in disliked) for a in query
+    )
+
+
+def counting_rule_accuracy(scores: Sequence[int], labels: Sequence[int]) -> float:
+    """Accuracy of answering "Yes" for a positive score; a zero score counts as half right
+    (a fair coin's expectation), so the figure is exact, not one draw."""
+    if len(scores) != len(labels) or not len(scores):
+        raise ValueError(f"need as many scores as labels (≥ 1), got {len(scores)}, {len(labels)}")
+    hits = [
+        0.5 if score == 0 else float((score > 0) == (label == LIKED))
+        for score, label in zip(scores, labels, strict=True)
+    ]
+    return sum(hits) / len(hits)

@@ -3,21 +3,27 @@ import json
 import numpy as np
 import torch
 from kedro.io import DataCatalog
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from prefgen_kedro.foundation import require_current_world, weight_hashes
 from prefgen_kedro.models.clip import conditioning_clip_encoders, evaluation_clip_encoders
 from prefgen_kedro.models.diffusion import generate
+from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
 from prefgen_kedro.world.agent_world import render_set
 from prefgen_kedro.world.vocabulary import CATEGORIES
 
 # Each model's training steps in conf/smoke.
-SMOKE_STEPS = {"conditioning_clip": 3, "evaluation_clip": 3, "attribute_oracle": 3, "base_unet": 2}
+SMOKE_STEPS = {
+    "conditioning_clip": 3,
+    "evaluation_clip": 3,
+    "attribute_oracle": 3,
+    "base_unet": 2,
+    "mllm": 4,  # two stages of 2
+}
 
 
-def test_foundation_runs_on_smoke_and_writes_a_true_manifest(run_smoke, smoke_project):
-    run_smoke("foundation")
-
-    folder = smoke_project / "data" / "06_models" / "foundation_smoke"
+def test_foundation_runs_on_smoke_and_writes_a_true_manifest(smoke_foundation, smoke_project):
+    folder = smoke_foundation
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest) == set(SMOKE_STEPS)
     for name, steps in SMOKE_STEPS.items():
@@ -35,6 +41,12 @@ def test_foundation_runs_on_smoke_and_writes_a_true_manifest(run_smoke, smoke_pr
     adherence = manifest["base_unet"]["metrics"]["prompt_adherence"]
     assert set(adherence) == {"subject", *CATEGORIES}
     assert manifest["base_unet"]["metrics"]["vs_heldout_renders"]["fid"] > 0
+    heldout = manifest["mllm"]["metrics"]["heldout_simulated_users"]
+    assert set(heldout) == {"k1", "k2"}
+    assert all(0 <= v["accuracy"] <= 1 and 0 <= v["counting_rule"] <= 1 for v in heldout.values())
+    curve = manifest["mllm"]["learning_curve"]
+    assert [stage["stage"] for stage in curve] == ["caption", "match"]
+    assert all(stage["learning_curve"] and stage["heldout"] for stage in curve)
 
     reports = smoke_project / "data" / "08_reporting"
     metrics = json.loads((reports / "encoders_metrics.json").read_text())
@@ -91,3 +103,11 @@ def _check_models_load_back_through_the_catalog(folder):
         seed=0,
     )
     assert images.shape == renders.images.shape and images.dtype == np.uint8
+
+    # The MLLM takes the road a hub checkpoint takes: the Auto classes, from a directory.
+    mllm = AutoModelForImageTextToText.from_pretrained(folder / "mllm", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(folder / "mllm_processor")
+    judge = MllmPreferenceModel(mllm, processor, slot_positions=True)
+    context = PreferenceContext(liked=list(renders.images[:2]), disliked=list(renders.images[2:3]))
+    p_yes = judge.judge([context, context], [renders.images[3], renders.images[0]])
+    assert p_yes.shape == (2,) and ((p_yes > 0) & (p_yes < 1)).all()

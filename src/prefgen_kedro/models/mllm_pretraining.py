@@ -1,0 +1,275 @@
+"""Pretraining tasks for the tiny MLLM, the agent world's stand-in for a hub checkpoint.
+
+A hub MLLM arrives able to describe pictures and to compare several of them; a tiny one
+built from a config can do neither, and trained directly on the project's preference VQA it
+stays at chance (issue #5's prototypes). These datasets give it both, on renders and on
+*simulated foundation users* that are drawn afresh for every sample and are never the
+project's users:
+
+- ``CaptionTask`` — LLaVA's stage 1: "Describe this image." → the render's caption.
+- ``SimulatedUserVqa`` — the project's VQA format (markers, reasons, slot positions) on a
+  fresh user per sample, with curricula as parameters: ``k`` (context size),
+  ``copy_probability`` (the query is one of the context images, so the answer is found by
+  exact matching before it has to be found by shared attributes) and ``taste_probability``
+  (summarise the user's taste instead).
+
+Both are deterministic in ``(seed, index)``, so the shared trainer's resume and shuffling
+work unchanged; a curriculum is a sequence of runs with different settings
+(``pipelines/foundation`` chains them).
+
+Public API: ``CaptionTask``, ``SimulatedUserVqa``, ``Question``, ``DESCRIBE``,
+``evaluate_on_simulated_users``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import ProcessorMixin
+
+from prefgen_kedro.data.tables import DISLIKED, LIKED
+from prefgen_kedro.models.mllm import (
+    MllmPreferenceModel,
+    PreferenceContext,
+    collate_vqa,
+    encode_chat,
+    encode_vqa,
+)
+from prefgen_kedro.models.vqa import (
+    IMAGE_PLACEHOLDER,
+    QUERY_MARKER,
+    TASTE_QUESTION,
+    answer_text,
+    counting_rule_accuracy,
+    counting_rule_score,
+    taste_text,
+)
+from prefgen_kedro.world.agent_world import RenderSet
+from prefgen_kedro.world.users import SimulatedUser, make_user
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute, attribute_ids
+
+DESCRIBE = "Describe this image."
+
+
+class _Task(Dataset):
+    """A procedural dataset of ``n_samples`` chat samples; ``collate`` pads them."""
+
+    def __init__(self, processor: ProcessorMixin, n_samples: int, seed: int) -> None:
+        self.processor = processor
+        self.n_samples = n_samples
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if not 0 <= index < self.n_samples:
+            raise IndexError(f"index {index} out of range for {self.n_samples} samples")
+        return np.random.default_rng([self.seed, index])
+
+    def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return collate_vqa(items, pad_token_id=self.processor.tokenizer.pad_token_id)
+
+
+class CaptionTask(_Task):
+    """ "Describe this image. <query><image>" → the render's caption."""
+
+    def __init__(
+        self,
+        pool: RenderSet,
+        processor: ProcessorMixin,
+        *,
+        n_samples: int,
+        seed: int,
+        slot_positions: bool = True,
+    ) -> None:
+        super().__init__(processor, n_samples, seed)
+        self.pool = pool
+        self.captions = pool.captions
+        self.slot_positions = slot_positions
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        picked = int(self._rng(index).integers(len(self.captions)))
+        return encode_chat(
+            self.processor,
+            f"{DESCRIBE} {QUERY_MARKER}{IMAGE_PLACEHOLDER}",
+            [self.pool.images[picked]],
+            self.captions[picked],
+            slot_positions=self.slot_positions,
+        )
+
+
+@dataclass(frozen=True)
+class Question:
+    """One preference question about a simulated user, as pool indices."""
+
+    user: SimulatedUser
+    liked: tuple[int, ...]
+    disliked: tuple[int, ...]
+    query: int
+    label: int  # LIKED or DISLIKED: the query's noiseless label
+    answer: str
+
+
+class SimulatedUserVqa(_Task):
+    """Preference VQA about a fresh simulated user per sample, drawn from a pool of renders.
+
+    The user has ``n_liked`` + ``n_disliked`` weighted attributes (as the project's users);
+    its context is K pool images of positive and K of negative utility (K uniform in the
+    range ``k``), the query one more of either sign (balanced), labelled without noise. With
+    probability ``copy_probability`` the query is a copy of one of the context images of its
+    side; with ``taste_probability`` the sample asks ``TASTE_QUESTION`` about the context
+    instead (no query): the user's liked and disliked attributes the context shows, which
+    makes the model summarise a context, the skill the preference answer and the probes
+    stand on.
+    """
+
+    def __init__(
+        self,
+        pool: RenderSet,
+        processor: ProcessorMixin,
+        *,
+        n_samples: int,
+        seed: int,
+        k: tuple[int, int],
+        copy_probability: float = 0.0,
+        n_liked: int = 4,
+        n_disliked: int = 4,
+        slot_positions: bool = True,
+        with_reasons: bool = True,
+        taste_probability: float = 0.0,
+    ) -> None:
+        super().__init__(processor, n_samples, seed)
+        if not 1 <= k[0] <= k[1]:
+            raise ValueError(f"k must be a range (low, high) with 1 ≤ low ≤ high, got {k}")
+        if not 0.0 <= copy_probability <= 1.0:
+            raise ValueError(f"copy_probability must be in [0, 1], got {copy_probability}")
+        self.pool = pool
+        self.k = k
+        self.copy_probability = copy_probability
+        self.n_liked = n_liked
+        self.n_disliked = n_disliked
+        self.slot_positions = slot_positions
+        self.with_reasons = with_reasons
+        self.taste_probability = taste_probability
+        column = {attribute_id: i for i, attribute_id in enumerate(ATTRIBUTE_IDS)}
+        self.present = np.zeros((len(pool.styles), len(ATTRIBUTE_IDS)), np.float32)
+        for row, style in enumerate(pool.styles):
+            self.present[row, [column[a] for a in attribute_ids(style)]] = 1.0
+        self.pool_attributes = [attribute_ids(style) for style in pool.styles]
+        self._column = column
+
+    def question(self, index: int) -> Question:
+        """The ``index``-th question (deterministic in ``seed`` and ``index``)."""
+        rng = self._rng(index)
+        while True:
+            user = make_user(f"foundation-{index}", self.n_liked, self.n_disliked, rng)
+            weights = np.zeros(len(ATTRIBUTE_IDS), np.float32)
+            for attribute_id, weight in user.liked.items():
+                weights[self._column[attribute_id]] = weight
+            for attribute_id, weight in user.disliked.items():
+                weights[self._column[attribute_id]] = -weight
+            utility = self.present @ weights
+            sides = {LIKED: np.flatnonzero(utility > 0), DISLIKED: np.flatnonzero(utility < 0)}
+            if min(len(ids) for ids in sides.values()) > self.k[1]:
+                break  # a user whose taste the pool shows on both sides (nearly always)
+        k = int(rng.integers(self.k[0], self.k[1] + 1))
+        label = LIKED if rng.random() < 0.5 else DISLIKED
+        drawn = {
+            side: rng.choice(ids, k + (side == label), replace=False) for side, ids in sides.items()
+        }
+        context = {side: tuple(int(i) for i in ids[:k]) for side, ids in drawn.items()}
+        copied = rng.random() < self.copy_probability
+        query = context[label][rng.integers(k)] if copied else int(drawn[label][k])
+        opinion = user.liked if label == LIKED else user.disliked
+        reasons = [attribute(a).value for a in self.pool_attributes[query] if a in opinion]
+        answer = answer_text(label, reasons if self.with_reasons else ())
+        return Question(user, context[LIKED], context[DISLIKED], query, label, answer)
+
+    def taste(self, question: Question) -> str:
+        """The user's liked and disliked attributes that the context shows on their side."""
+        shown = {
+            side: {a for i in ids for a in self.pool_attributes[i]}
+            for side, ids in ((LIKED, question.liked), (DISLIKED, question.disliked))
+        }
+        liked = [a for a in ATTRIBUTE_IDS if a in question.user.liked and a in shown[LIKED]]
+        disliked = [
+            a for a in ATTRIBUTE_IDS if a in question.user.disliked and a in shown[DISLIKED]
+        ]
+        return taste_text(
+            [attribute(a).value for a in liked], [attribute(a).value for a in disliked]
+        )
+
+    def context(self, question: Question) -> PreferenceContext:
+        images = self.pool.images
+        return PreferenceContext(
+            [images[i] for i in question.liked], [images[i] for i in question.disliked]
+        )
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        question = self.question(index)
+        if self._rng(index).random() < self.taste_probability:
+            return encode_vqa(
+                self.processor,
+                self.context(question),
+                None,
+                self.taste(question),
+                slot_positions=self.slot_positions,
+                question=TASTE_QUESTION,
+            )
+        return encode_vqa(
+            self.processor,
+            self.context(question),
+            self.pool.images[question.query],
+            question.answer,
+            slot_positions=self.slot_positions,
+        )
+
+
+def evaluate_on_simulated_users(
+    model: torch.nn.Module,
+    processor: ProcessorMixin,
+    pool: RenderSet,
+    *,
+    k: int,
+    n_questions: int,
+    seed: int,
+    slot_positions: bool,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Yes/no accuracy of ``judge`` on fresh simulated users (no copies), next to the
+    counting rule on the same questions, at context size ``k``."""
+    questions = SimulatedUserVqa(
+        pool, processor, n_samples=n_questions, seed=seed, k=(k, k), slot_positions=slot_positions
+    )
+    asked = [questions.question(i) for i in range(n_questions)]
+    was_training = model.training
+    judge = MllmPreferenceModel(
+        model, processor, slot_positions=slot_positions, batch_size=batch_size
+    )
+    p_yes = judge.judge(
+        [questions.context(q) for q in asked], [pool.images[q.query] for q in asked]
+    )
+    model.train(was_training)
+    labels = [q.label for q in asked]
+    attributes = questions.pool_attributes
+    scores = [
+        counting_rule_score(
+            [attributes[i] for i in q.liked],
+            [attributes[i] for i in q.disliked],
+            attributes[q.query],
+        )
+        for q in asked
+    ]
+    predicted = (p_yes > 0.5).long().tolist()
+    return {
+        "k": k,
+        "questions": n_questions,
+        "accuracy": sum(int(p == (y == LIKED)) for p, y in zip(predicted, labels, strict=True))
+        / n_questions,
+        "counting_rule": counting_rule_accuracy(scores, labels),
+    }

@@ -1,0 +1,418 @@
+"""Nodes of ``diffusion``: PrefGen step 4, the user branch on the frozen base UNet, and the
+comparison conditioners trained by the same recipe.
+
+Each variant reads some parts of a user's condition (``variants`` in the parameters):
+PrefGen ``[ê_sem; e_core; e_img]``, its ablations, ``ip_adapter`` (``e_img``) and
+``mean_clip`` (the mean CLIP embedding of the liked context). A training sample is one of a
+training user's liked images, its subject-only prompt, and the condition computed from a
+context of that user that does *not* contain the image (DESIGN.md: no copying).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from PIL import Image
+from pydantic import Field
+from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+from prefgen_kedro.data.tables import LIKED
+from prefgen_kedro.models.alignment import AlignmentMlp
+from prefgen_kedro.models.batches import TensorDictDataset
+from prefgen_kedro.models.clip import conditioning_clip_encoders
+from prefgen_kedro.models.diffusion import (
+    DiffusionLoss,
+    encode_prompts,
+    sample,
+    sample_grid,
+    to_diffusion_pixels,
+)
+from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
+from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.models.user_adapter import (
+    UserAdapter,
+    UserBranches,
+    UserConditionedUnet,
+    choose_image_embedding,
+    install_user_adapter,
+)
+from prefgen_kedro.models.vqa import TASTE_QUESTION, parse_taste
+from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.pipelines.pictures import load_pictures
+from prefgen_kedro.training import TrainConfig, train
+from prefgen_kedro.world.agent_world import user_from_row
+from prefgen_kedro.world.vocabulary import HEADS, subject_prompt
+
+PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip")
+
+
+class UserSamplingParams(StrictParams):
+    guidance_scale: float = Field(ge=1.0)  # on the prompt
+    user_guidance_scale: float = Field(ge=0.0)  # on the user condition
+    num_inference_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+class ValidationParams(StrictParams):
+    prompts_per_user: int = Field(ge=1)
+    grid_users: int = Field(ge=1)
+    seed: int
+
+
+class ViperStyleParams(StrictParams):
+    beta: float = Field(ge=0.0)  # prompt + beta · (liked text − disliked text)
+    mllm_slot_positions: bool  # as vqa_tuning.slot_positions
+    batch_size: int = Field(ge=1)
+
+
+class DiffusionParams(StrictParams):
+    checkpoint_root: str
+    variants: dict[str, list[str]]
+    tokens_per_part: int = Field(ge=1)
+    e_img: str
+    caption_dropout: float = Field(ge=0.0, le=1.0)
+    user_dropout: float = Field(ge=0.0, le=1.0)
+    snr_gamma: float | None
+    train: TrainConfig
+    sampling: UserSamplingParams
+    validation: ValidationParams
+    viper_style: ViperStyleParams
+
+
+def make_user_conditions(
+    probe_contexts: pd.DataFrame,
+    context_embeddings: pd.DataFrame,
+    aligner: AlignmentMlp,
+    aligner_no_mmd: AlignmentMlp,
+    conditioning_clip: CLIPModel,
+    clip_tokenizer: PreTrainedTokenizerBase,
+    raw_images: Mapping[str, Callable],
+    params: DiffusionParams,
+) -> pd.DataFrame:
+    """Every part of every user's condition, for each of its contexts (context 0 is the
+    canonical one the evaluation uses)."""
+    unknown = {part for parts in params.variants.values() for part in parts} - set(PARTS)
+    if unknown:
+        raise ValueError(f"diffusion.variants name unknown parts {sorted(unknown)}; known: {PARTS}")
+    pictures = load_pictures(raw_images)
+    encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
+    merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
+    e_sem = torch.from_numpy(np.stack(merged["e_sem"].to_list())).float()
+    with torch.inference_mode():
+        e_sem_hat, e_sem_hat_no_mmd = aligner.eval()(e_sem), aligner_no_mmd.eval()(e_sem)
+    liked_embeddings = [
+        encode_images(np.stack([pictures[i] for i in ids])) for ids in merged["liked"]
+    ]
+    return merged.drop(columns=["e_sem"]).assign(
+        e_sem_hat=list(e_sem_hat.numpy()),
+        e_sem_hat_no_mmd=list(e_sem_hat_no_mmd.numpy()),
+        e_img=[choose_image_embedding(e, params.e_img).numpy() for e in liked_embeddings],
+        mean_clip=[
+            torch.nn.functional.normalize(e.mean(0), dim=0).numpy() for e in liked_embeddings
+        ],
+    )
+
+
+def train_user_branches(
+    user_conditions: pd.DataFrame,
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
+    raw_images: Mapping[str, Callable],
+    base_unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+    conditioning_clip: CLIPModel,
+    clip_tokenizer: PreTrainedTokenizerBase,
+    params: DiffusionParams,
+) -> tuple[UserBranches, dict]:
+    """Train one adapter per variant on the frozen base UNet; report step times."""
+    dataset = _training_set(
+        user_conditions, images, interactions, raw_images, conditioning_clip, clip_tokenizer
+    )
+    text_encoder = conditioning_clip.text_model.float().eval()
+    empty = encode_prompts(text_encoder, clip_tokenizer, [""])
+    unet = base_unet.float()
+    adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
+    for name, parts in params.variants.items():
+        torch.manual_seed(params.train.seed)
+        adapter = UserAdapter.for_unet(
+            unet, {part: dataset.tensors[part].shape[1] for part in parts}, params.tokens_per_part
+        )
+        result = train(
+            UserConditionedUnet(unet, adapter),
+            dataset,
+            DiffusionLoss(
+                noise_scheduler,
+                empty,
+                params.caption_dropout,
+                params.snr_gamma,
+                user_keys=tuple(parts),
+                user_dropout=params.user_dropout,
+            ),
+            params.train,
+            checkpoint_root=params.checkpoint_root,
+            name=f"user_branch_{name}",
+            fingerprint=f"{parts} tokens={params.tokens_per_part} samples={len(dataset)} "
+            f"dropout={params.caption_dropout},{params.user_dropout} snr={params.snr_gamma} "
+            f"first={dataset.tensors[parts[0]][0, :4].tolist()}",
+            trainable_parameters=list(adapter.parameters()),
+        )
+        adapters[name] = adapter.eval()
+        report["variants"][name] = {
+            "parts": parts,
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from,
+            "wall_seconds": round(result.wall_seconds, 1),
+            "learning_curve": [
+                {"step": e["step"], "loss": round(e["loss"], 5)} for e in result.history
+            ],
+        }
+    report["step_seconds"] = _step_times(unet, adapters, dataset, noise_scheduler, empty, params)
+    return UserBranches.of(adapters), report
+
+
+def evaluate_user_branches(
+    user_branches: UserBranches,
+    user_conditions: pd.DataFrame,
+    users: pd.DataFrame,
+    base_unet: UNet2DConditionModel,
+    noise_scheduler: DDPMScheduler,
+    conditioning_clip: CLIPModel,
+    clip_tokenizer: PreTrainedTokenizerBase,
+    attribute_oracle: AttributeOracle,
+    tuned_mllm: PreTrainedModel,
+    mllm_processor: ProcessorMixin,
+    raw_images: Mapping[str, Callable],
+    training_report: dict,
+    params: DiffusionParams,
+) -> tuple[dict, Image.Image]:
+    """Oracle like-rate and subject accuracy of each branch, of the bare base model and of
+    ``viper_style`` on the validation users' canonical contexts, sampling images/s, and a
+    grid of a few users."""
+    validation = user_conditions[
+        (user_conditions["split"] == "val") & (user_conditions["context"] == 0)
+    ]
+    prompts, rows, seeds = _validation_prompts(validation, params.validation)
+    text_encoder = conditioning_clip.text_model.float().eval()
+    prompt_embeds = encode_prompts(
+        text_encoder, clip_tokenizer, [subject_prompt(s) for s in prompts]
+    )
+    empty = encode_prompts(text_encoder, clip_tokenizer, [""])
+    unet = base_unet.float().eval()
+    oracle = attribute_oracle.float().eval()
+    by_user = users.set_index("user_id")
+    simulated = [user_from_row({"user_id": u, **by_user.loc[u].to_dict()}) for u in rows["user_id"]]
+    metrics: dict = {
+        "users": int(validation["user_id"].nunique()),
+        "images_per_method": len(prompts),
+    }
+    generated = {}
+    for name, adapter in [("base", None), *user_branches.adapters.items()]:
+        started = time.perf_counter()
+        generated[name] = _generate(
+            unet, noise_scheduler, adapter, rows, prompt_embeds, empty, seeds, params.sampling
+        )
+        seconds = time.perf_counter() - started
+        metrics[name] = {
+            **_oracle_scores(oracle, generated[name], prompts, simulated),
+            "images_per_second": round(len(prompts) / seconds, 2),
+        }
+    started = time.perf_counter()
+    viper_embeds, answers = _viper_style_embeds(
+        tuned_mllm,
+        mllm_processor,
+        raw_images,
+        rows,
+        prompt_embeds,
+        text_encoder,
+        clip_tokenizer,
+        params.viper_style,
+    )
+    generated["viper_style"] = _generate(
+        unet, noise_scheduler, None, rows, viper_embeds, empty, seeds, params.sampling
+    )
+    metrics["viper_style"] = {
+        **_oracle_scores(oracle, generated["viper_style"], prompts, simulated),
+        "images_per_second": round(len(prompts) / (time.perf_counter() - started), 2),
+        "taste_answers_read": float(np.mean([bool(a[0] or a[1]) for a in answers])),
+        "example_taste_answers": [" | ".join(map(", ".join, a)) for a in answers[:4]],
+    }
+    metrics["training"] = training_report
+    grid = sample_grid(
+        np.concatenate([generated[name][: params.validation.grid_users] for name in generated]),
+        None,
+        [
+            f"{name}: {prompt}"
+            for name in generated
+            for prompt in prompts[: params.validation.grid_users]
+        ],
+    )
+    return metrics, grid
+
+
+def _training_set(
+    user_conditions: pd.DataFrame,
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
+    raw_images: Mapping[str, Callable],
+    conditioning_clip: CLIPModel,
+    clip_tokenizer: PreTrainedTokenizerBase,
+) -> TensorDictDataset:
+    """One sample per (training user's context, liked image of that user outside it)."""
+    liked = interactions[interactions["label"] == LIKED].groupby("user_id")["image_id"].apply(list)
+    subject = images.set_index("image_id")["subject"]
+    rows, targets = [], []
+    for row in user_conditions[user_conditions["split"] == "train"].itertuples():
+        shown = set(row.liked) | set(row.disliked)
+        for image_id in liked.get(row.user_id, []):
+            if image_id not in shown:
+                rows.append(row.Index)
+                targets.append(image_id)
+    if not targets:
+        raise ValueError("no training user has a liked image outside its contexts")
+    pictures = load_pictures(raw_images)
+    subjects = sorted(set(subject[targets]))
+    text = encode_prompts(
+        conditioning_clip.text_model.float().eval(),
+        clip_tokenizer,
+        [subject_prompt(s) for s in subjects],
+    )
+    chosen = user_conditions.loc[rows]
+    return TensorDictDataset(
+        pixel_values=to_diffusion_pixels(np.stack([pictures[i] for i in targets])),
+        prompt_embeds=text[[subjects.index(subject[i]) for i in targets]],
+        **{part: torch.from_numpy(np.stack(chosen[part].to_list())).float() for part in PARTS},
+    )
+
+
+def _validation_prompts(validation: pd.DataFrame, params: ValidationParams):
+    """``prompts_per_user`` subjects per user (drawn with ``seed``), with fixed seeds."""
+    rng = np.random.default_rng(params.seed)
+    subjects = list(HEADS["subject"])
+    repeated = validation.loc[validation.index.repeat(params.prompts_per_user)].reset_index(
+        drop=True
+    )
+    prompts = [subjects[i] for i in rng.integers(len(subjects), size=len(repeated))]
+    seeds = [params.seed * 100_000 + i for i in range(len(repeated))]
+    return prompts, repeated, seeds
+
+
+def _viper_style_embeds(
+    mllm,
+    processor,
+    raw_images,
+    rows,
+    prompt_embeds,
+    text_encoder,
+    tokenizer,
+    params: ViperStyleParams,
+) -> tuple[torch.Tensor, list[tuple[list[str], list[str]]]]:
+    """ViPer-style prompt arithmetic: the tuned MLLM reads each user's taste off the context
+    (``TASTE_QUESTION``, as ViPer's VLM does), and the prompt's embedding moves by ``beta``
+    × (liked-attribute text − disliked-attribute text)."""
+    pictures = load_pictures(raw_images)
+    first = rows.drop_duplicates("user_id")
+    contexts = [
+        PreferenceContext([pictures[i] for i in row.liked], [pictures[i] for i in row.disliked])
+        for row in first.itertuples()
+    ]
+    reader = MllmPreferenceModel(
+        mllm, processor, slot_positions=params.mllm_slot_positions, batch_size=params.batch_size
+    )
+    tastes = dict(
+        zip(
+            first["user_id"],
+            map(parse_taste, reader.answer(contexts, None, TASTE_QUESTION)),
+            strict=True,
+        )
+    )
+    answers = [tastes[user] for user in rows["user_id"]]
+    liked = encode_prompts(text_encoder, tokenizer, [", ".join(a[0]) for a in answers])
+    disliked = encode_prompts(text_encoder, tokenizer, [", ".join(a[1]) for a in answers])
+    return prompt_embeds + params.beta * (liked - disliked), [tastes[u] for u in first["user_id"]]
+
+
+def _generate(
+    unet, scheduler, adapter, rows, prompt_embeds, empty, seeds, sampling: UserSamplingParams
+) -> np.ndarray:
+    common = {
+        "guidance_scale": sampling.guidance_scale,
+        "num_inference_steps": sampling.num_inference_steps,
+        "seeds": seeds,
+        "batch_size": sampling.batch_size,
+    }
+    if adapter is None:
+        unet.set_attn_processor(AttnProcessor2_0())
+        return sample(unet, scheduler, prompt_embeds, empty, **common)
+    install_user_adapter(unet, adapter)
+    parts = {p: torch.from_numpy(np.stack(rows[p].to_list())).float() for p in adapter.part_names}
+    with torch.inference_mode():
+        tokens = adapter.tokens(parts)
+        null = adapter.tokens({p: torch.zeros_like(v) for p, v in parts.items()})
+    return sample(
+        unet,
+        scheduler,
+        prompt_embeds,
+        empty,
+        extra_condition={"cross_attention_kwargs": {"user_tokens": tokens}},
+        negative_extra_condition={"cross_attention_kwargs": {"user_tokens": null}},
+        extra_guidance_scale=sampling.user_guidance_scale,
+        **common,
+    )
+
+
+def _oracle_scores(
+    oracle: AttributeOracle, pictures: np.ndarray, prompts, simulated
+) -> dict[str, float]:
+    """Like-rate and mean utility by the simulated users, and subject accuracy."""
+    predicted = oracle.predict(pictures)
+    utilities = [
+        user.utility([f"{c}:{predicted[c][i]}" for c in HEADS if c != "subject"])
+        for i, user in enumerate(simulated)
+    ]
+    return {
+        "like_rate": float(np.mean([u > 0 for u in utilities])),
+        "mean_utility": float(np.mean(utilities)),
+        "subject_accuracy": float(
+            np.mean([p == s for p, s in zip(predicted["subject"], prompts, strict=True)])
+        ),
+    }
+
+
+def _step_times(
+    unet, adapters, dataset, scheduler, empty, params: DiffusionParams
+) -> dict[str, float]:
+    """Seconds per training step: a branch (UNet frozen) vs the bare UNet trained fully, on
+    the same batch, a few steps each after one warm-up (the branch's overhead)."""
+    batch = {k: v[: params.train.batch_size] for k, v in dataset.tensors.items()}
+    name, adapter = next(iter(adapters.items()))
+    timed = {}
+    for label, model, keys in (
+        ("bare_unet", unet, ()),
+        (f"branch_{name}", UserConditionedUnet(unet, adapter), tuple(adapter.part_names)),
+    ):
+        if label == "bare_unet":
+            unet.set_attn_processor(AttnProcessor2_0())
+            unet.requires_grad_(True)
+        loss = DiffusionLoss(scheduler, empty, user_keys=keys)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-9)
+        for step in range(4):
+            if step == 1:
+                started = time.perf_counter()
+            with torch.autocast(
+                "cpu", dtype=torch.bfloat16, enabled=params.train.mixed_precision == "bf16"
+            ):
+                value, _ = loss(model, batch)
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        timed[label] = round((time.perf_counter() - started) / 3, 4)
+    unet.requires_grad_(False)
+    timed["ratio_branch_to_bare"] = round(timed[f"branch_{name}"] / timed["bare_unet"], 3)
+    return timed

@@ -1,0 +1,63 @@
+"""The ``diffusion`` pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import evaluate_user_branches, make_user_conditions, train_user_branches
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                make_user_conditions,
+                [
+                    "probe_contexts",
+                    "context_embeddings",
+                    "aligner",
+                    "aligner_no_mmd",
+                    "conditioning_clip",
+                    "clip_tokenizer",
+                    "raw_images",
+                    "params:diffusion",
+                ],
+                "user_conditions",
+                name="make_user_conditions",
+            ),
+            Node(
+                train_user_branches,
+                [
+                    "user_conditions",
+                    "images",
+                    "interactions",
+                    "raw_images",
+                    "base_unet",
+                    "noise_scheduler",
+                    "conditioning_clip",
+                    "clip_tokenizer",
+                    "params:diffusion",
+                ],
+                ["user_branches", "diffusion_training_report"],
+                name="train_user_branches",
+            ),
+            Node(
+                evaluate_user_branches,
+                [
+                    "user_branches",
+                    "user_conditions",
+                    "users",
+                    "base_unet",
+                    "noise_scheduler",
+                    "conditioning_clip",
+                    "clip_tokenizer",
+                    "attribute_oracle",
+                    "tuned_mllm",
+                    "foundation_mllm_processor",
+                    "raw_images",
+                    "diffusion_training_report",
+                    "params:diffusion",
+                ],
+                ["diffusion_metrics", "user_branch_grid"],
+                name="evaluate_user_branches",
+            ),
+        ]
+    )

@@ -1,0 +1,226 @@
+"""Nodes of ``probing``: PrefGen step 2, which layers of the tuned MLLM hold the user.
+
+With the tuned MLLM frozen, the last prompt token's state after every layer is read for
+several contexts of every user (context 0 is the canonical one the later stages use) and
+for context + query questions. Per layer, an inter-user probe (which training user is
+this, from a context it never saw?) and an intra-user probe (is the query liked?) are fit;
+their curves pick the layers of ``e_sem`` and ``e_core`` (DESIGN.md §1), and the user
+embeddings are built from those layers, plus ``e_img`` from the conditioning CLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402 - no display on a CI machine or a server
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
+
+from prefgen_kedro.models.clip import conditioning_clip_encoders
+from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
+from prefgen_kedro.models.probes import layerwise_accuracy, select_layers
+from prefgen_kedro.models.user_adapter import choose_image_embedding
+from prefgen_kedro.models.vqa import sample_contexts, sample_vqa_examples
+from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.pipelines.pictures import load_pictures
+
+
+class ProbeFitParams(StrictParams):
+    steps: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+
+
+class LayerSelectionParams(StrictParams):
+    semantic_top: int = Field(ge=1)  # e_sem: mean of the last this-many layers
+    core_window: int = Field(ge=1)  # e_core: mean of this many consecutive layers ...
+    core_search_from: float = Field(ge=0, le=1)  # ... at the inter-user peak above this depth
+
+
+class ProbingParams(StrictParams):
+    k: int = Field(ge=1)  # context size (the default K of vqa_tuning)
+    contexts_per_user: int = Field(ge=2)
+    inter_user_train_contexts: int = Field(ge=1)  # the rest are the probe's test contexts
+    intra_user_questions_per_user: int = Field(ge=1)
+    slot_positions: bool
+    batch_size: int = Field(ge=1)
+    probe: ProbeFitParams
+    selection: LayerSelectionParams
+    e_img: Literal["first_liked", "medoid_liked"]
+    seed: int
+
+
+def sample_probe_contexts(
+    interactions: pd.DataFrame, users: pd.DataFrame, params: ProbingParams
+) -> pd.DataFrame:
+    """Every user's contexts (context 0 canonical) as a table."""
+    if params.inter_user_train_contexts >= params.contexts_per_user:
+        raise ValueError(
+            f"probing.inter_user_train_contexts={params.inter_user_train_contexts} leaves no "
+            f"test context of contexts_per_user={params.contexts_per_user}"
+        )
+    return sample_contexts(
+        interactions, users, k=params.k, n_contexts=params.contexts_per_user, seed=params.seed
+    )
+
+
+def read_hidden_states(
+    tuned_mllm: PreTrainedModel,
+    processor: ProcessorMixin,
+    probe_contexts: pd.DataFrame,
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
+    users: pd.DataFrame,
+    raw_images: Mapping[str, Callable],
+    params: ProbingParams,
+) -> dict[str, torch.Tensor | pd.DataFrame]:
+    """Last-token states of every layer: for each context (no query), and for context +
+    query questions of training and validation users (with their labels)."""
+    pictures = load_pictures(raw_images)
+    model = MllmPreferenceModel(
+        tuned_mllm, processor, slot_positions=params.slot_positions, batch_size=params.batch_size
+    )
+    contexts = [
+        PreferenceContext([pictures[i] for i in row.liked], [pictures[i] for i in row.disliked])
+        for row in probe_contexts.itertuples(index=False)
+    ]
+    questions = sample_vqa_examples(
+        images,
+        interactions,
+        users,
+        splits=["train", "val"],
+        k=params.k,
+        samples_per_user=params.intra_user_questions_per_user,
+        seed=params.seed + 1,
+        with_reasons=False,
+    )
+    question_contexts = [
+        PreferenceContext([pictures[i] for i in q.liked], [pictures[i] for i in q.disliked])
+        for q in questions
+    ]
+    split = users.set_index("user_id")["split"]
+    return {
+        "contexts": model.hidden_states(contexts),
+        "questions": model.hidden_states(question_contexts, [pictures[q.query] for q in questions]),
+        "question_table": pd.DataFrame(
+            {
+                "user_id": [q.user_id for q in questions],
+                "split": [split[q.user_id] for q in questions],
+                "label": [q.label for q in questions],
+            }
+        ),
+    }
+
+
+def fit_probes(
+    hidden_states: dict, probe_contexts: pd.DataFrame, params: ProbingParams
+) -> tuple[pd.DataFrame, dict, plt.Figure]:
+    """Per-layer probe accuracies (``probe_metrics``), the chosen layers and the plot."""
+    fit = params.probe.model_dump()
+    states = hidden_states["contexts"]
+    train_users = probe_contexts["split"] == "train"
+    user_index = {
+        u: i for i, u in enumerate(sorted(set(probe_contexts.loc[train_users, "user_id"])))
+    }
+    seen = train_users & (probe_contexts["context"] < params.inter_user_train_contexts)
+    unseen = train_users & (probe_contexts["context"] >= params.inter_user_train_contexts)
+    labels = torch.tensor([user_index.get(u, -1) for u in probe_contexts["user_id"]])
+    inter = layerwise_accuracy(
+        states[torch.from_numpy(seen.to_numpy())],
+        labels[torch.from_numpy(seen.to_numpy())],
+        states[torch.from_numpy(unseen.to_numpy())],
+        labels[torch.from_numpy(unseen.to_numpy())],
+        len(user_index),
+        top_k=(1, 5),
+        seed=params.seed,
+        **fit,
+    )
+    table = hidden_states["question_table"]
+    fit_rows = torch.from_numpy((table["split"] == "train").to_numpy())
+    test_rows = torch.from_numpy((table["split"] == "val").to_numpy())
+    answers = torch.tensor(table["label"].to_numpy())
+    intra = layerwise_accuracy(
+        hidden_states["questions"][fit_rows],
+        answers[fit_rows],
+        hidden_states["questions"][test_rows],
+        answers[test_rows],
+        2,
+        seed=params.seed,
+        **fit,
+    )
+    rows = [
+        {"layer": layer, "task": task, "metric": metric, "accuracy": value}
+        for task, curve in (("inter_user", inter), ("intra_user", intra))
+        for layer, accuracies in enumerate(curve)
+        for metric, value in accuracies.items()
+    ]
+    metrics = pd.DataFrame(rows)
+    chosen = select_layers([a["top1"] for a in inter], **params.selection.model_dump())
+    selection = {
+        **chosen,
+        "inter_user_peak_layer": int(np.argmax([a["top1"] for a in inter])),
+        "intra_user_peak_layer": int(np.argmax([a["top1"] for a in intra])),
+        "inter_user_chance": 1.0 / len(user_index),
+        "intra_user_majority": float(
+            max(answers[test_rows].float().mean(), 1 - answers[test_rows].float().mean())
+        ),
+        "rule": params.selection.model_dump(),
+    }
+    return metrics, selection, _probe_figure(metrics, selection)
+
+
+def build_user_embeddings(
+    hidden_states: dict,
+    layer_selection: dict,
+    probe_contexts: pd.DataFrame,
+    conditioning_clip: CLIPModel,
+    clip_tokenizer,
+    raw_images: Mapping[str, Callable],
+    params: ProbingParams,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``context_embeddings`` (``e_sem``/``e_core`` of every context of every user) and
+    ``user_embeddings`` (DESIGN.md §4: from each user's canonical context, with ``e_img``)."""
+    states = hidden_states["contexts"]
+    e_sem = states[:, layer_selection["e_sem"]].mean(dim=1)
+    e_core = states[:, layer_selection["e_core"]].mean(dim=1)
+    per_context = probe_contexts[["user_id", "split", "context"]].assign(
+        e_sem=list(e_sem.numpy()), e_core=list(e_core.numpy())
+    )
+    canonical = probe_contexts["context"] == 0
+    users = probe_contexts[canonical].reset_index(drop=True)
+    pictures = load_pictures(raw_images)
+    encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
+    e_img = [
+        choose_image_embedding(encode_images(np.stack([pictures[i] for i in liked])), params.e_img)
+        for liked in users["liked"]
+    ]
+    user_embeddings = users[["user_id", "split", "liked", "disliked"]].assign(
+        e_sem=list(e_sem[torch.from_numpy(canonical.to_numpy())].numpy()),
+        e_core=list(e_core[torch.from_numpy(canonical.to_numpy())].numpy()),
+        e_img=[vector.numpy() for vector in e_img],
+    )
+    return per_context, user_embeddings
+
+
+def _probe_figure(metrics: pd.DataFrame, selection: dict) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for (task, metric), rows in metrics.groupby(["task", "metric"]):
+        axis.plot(rows["layer"], rows["accuracy"], marker="o", label=f"{task} {metric}")
+    for name, colour in (("e_sem", "tab:green"), ("e_core", "tab:red")):
+        layers = selection[name]
+        axis.axvspan(min(layers) - 0.4, max(layers) + 0.4, color=colour, alpha=0.1, label=name)
+    axis.axhline(selection["inter_user_chance"], color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("layer (0 = embeddings)")
+    axis.set_ylabel("probe accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure

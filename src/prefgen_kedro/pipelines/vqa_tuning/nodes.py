@@ -1,0 +1,338 @@
+"""Nodes of ``vqa_tuning``: PrefGen step 1, preference VQA tuning of the pretrained MLLM.
+
+The MLLM (the shipped tiny one in ``base``, a hub checkpoint with LoRA in ``gpu``) is tuned on
+the training users' histories: their context of K liked and K disliked images, a query of
+their own history outside it, and the answer with its reason. K ramps up through
+``stages``; each stage is a run of the shared trainer (resumable), and a fixed slice of the
+validation questions is asked every ``curve_every`` steps for the learning curve.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # noqa: E402 - no display on a CI machine or a server
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from transformers import PreTrainedModel, ProcessorMixin
+
+from prefgen_kedro.data.tables import LIKED
+from prefgen_kedro.models.mllm import (
+    MllmPreferenceModel,
+    PreferenceContext,
+    VqaDataset,
+    add_lora,
+    vqa_loss,
+)
+from prefgen_kedro.models.vqa import (
+    VqaExample,
+    counting_rule_accuracy,
+    counting_rule_score,
+    examples_from_table,
+    examples_table,
+    sample_vqa_examples,
+)
+from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.pipelines.pictures import load_pictures
+from prefgen_kedro.training import TrainConfig, train
+
+
+class VqaStage(StrictParams):
+    k: int = Field(ge=1)
+    train: TrainConfig
+
+
+class LoraParams(StrictParams):
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    target_modules: list[str] | str
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = False
+
+
+class VqaTuningParams(StrictParams):
+    checkpoint_root: str
+    seed: int
+    with_reasons: bool
+    slot_positions: bool  # as the pretrained model was trained (tiny model: true)
+    lora: LoraParams | None = None  # None: tune the language model and projector fully
+    stages: list[VqaStage] = Field(min_length=1)  # K ramps up; the last K is the default K
+    val_samples_per_user: int = Field(ge=1)
+    curve_every: int = Field(ge=1)  # steps between learning-curve points (× log_every)
+    curve_questions: int = Field(ge=2)
+    judge_batch_size: int = Field(ge=1)
+
+
+def make_vqa_examples(
+    images: pd.DataFrame, interactions: pd.DataFrame, users: pd.DataFrame, params: VqaTuningParams
+) -> pd.DataFrame:
+    """The VQA questions: each stage's training questions (as many as it trains on, so every
+    one is seen once with a fresh context) and the validation users' questions at the last K.
+    Columns: those of ``examples_table`` plus ``split`` and ``stage`` (-1 for validation)."""
+    n_train_users = int((users["split"] == "train").sum())
+    frames = []
+    for index, stage in enumerate(params.stages):
+        wanted = stage.train.max_steps * stage.train.batch_size
+        examples = sample_vqa_examples(
+            images,
+            interactions,
+            users,
+            splits=["train"],
+            k=stage.k,
+            samples_per_user=max(1, math.ceil(wanted / max(n_train_users, 1))),
+            seed=params.seed + index,
+            with_reasons=params.with_reasons,
+        )
+        frames.append(examples_table(examples).assign(split="train", stage=index))
+    validation = sample_vqa_examples(
+        images,
+        interactions,
+        users,
+        splits=["val"],
+        k=params.stages[-1].k,
+        samples_per_user=params.val_samples_per_user,
+        seed=params.seed + len(params.stages),
+        with_reasons=params.with_reasons,
+    )
+    frames.append(examples_table(validation).assign(split="val", stage=-1))
+    return pd.concat(frames, ignore_index=True)
+
+
+def tune_mllm(
+    mllm: PreTrainedModel,
+    processor: ProcessorMixin,
+    vqa_examples: pd.DataFrame,
+    raw_images: Mapping[str, Callable],
+    params: VqaTuningParams,
+) -> tuple[PreTrainedModel, dict]:
+    """Tune ``mllm`` through the K stages; returns the tuned model (LoRA merged) and the
+    training report: per-stage histories, the learning curve and samples/s."""
+    pictures = load_pictures(raw_images)
+    validation = examples_from_table(vqa_examples[vqa_examples["split"] == "val"])
+    watched = validation[: params.curve_questions]
+    model = mllm
+    if params.lora is not None:
+        model = add_lora(mllm, **params.lora.model_dump())
+    # The vision tower stays as pretrained (LLaVA's recipe; LoRA targets come from params).
+    frozen = {id(p) for p in _vision_tower(mllm).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+
+    curve: list[dict] = []
+    stages: list[dict] = []
+    samples_before = 0
+    started = time.perf_counter()
+    for index, stage in enumerate(params.stages):
+        examples = examples_from_table(
+            vqa_examples[(vqa_examples["split"] == "train") & (vqa_examples["stage"] == index)]
+        )
+        dataset = VqaDataset(examples, pictures, processor, slot_positions=params.slot_positions)
+
+        result = train(
+            model,
+            dataset,
+            vqa_loss,
+            stage.train,
+            checkpoint_root=params.checkpoint_root,
+            name=f"vqa_tuning_stage{index}",
+            fingerprint=f"examples={_examples_fingerprint(examples)} lora={params.lora} "
+            f"previous={[s.model_dump_json() for s in params.stages[:index]]}",
+            collate_fn=dataset.collate,
+            trainable_parameters=trainable,
+            on_log=_curve_recorder(
+                curve,
+                lambda: accuracy(model, processor, watched, pictures, params),
+                every=params.curve_every,
+                stage=index,
+                k=stage.k,
+                samples_before=samples_before,
+            ),
+        )
+        samples = result.steps * stage.train.batch_size
+        stages.append(
+            {
+                "stage": index,
+                "k": stage.k,
+                "steps": result.steps,
+                "resumed_from_step": result.resumed_from,
+                "wall_seconds": round(result.wall_seconds, 1),
+                "samples_per_second": round(samples / max(result.wall_seconds, 1e-9), 1),
+                "history": result.history,
+            }
+        )
+        samples_before += samples
+    if params.lora is not None:
+        model = model.merge_and_unload()
+    report = {
+        "stages": stages,
+        "learning_curve": curve,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    return model.eval(), report
+
+
+def evaluate_vqa(
+    pretrained_mllm: PreTrainedModel,
+    tuned_mllm: PreTrainedModel,
+    processor: ProcessorMixin,
+    vqa_examples: pd.DataFrame,
+    raw_images: Mapping[str, Callable],
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
+    tuning_report: dict,
+    params: VqaTuningParams,
+) -> tuple[dict, plt.Figure]:
+    """``vqa_metrics`` on the validation users (tuned vs. untuned model, majority class, the
+    counting rule, the ceiling the label noise allows, judge–utility agreement, example
+    answers) and the learning-curve figure."""
+    pictures = load_pictures(raw_images)
+    validation = examples_from_table(vqa_examples[vqa_examples["split"] == "val"])
+    labels = np.array([example.label for example in validation])
+    tuned_p = _judge(tuned_mllm, processor, validation, pictures, params)
+    untuned_p = _judge(pretrained_mllm, processor, validation, pictures, params)
+    metrics: dict = {
+        "k": params.stages[-1].k,
+        "questions": len(validation),
+        "users": len({example.user_id for example in validation}),
+        "accuracy": {
+            "tuned": _hits(tuned_p, labels),
+            "untuned": _hits(untuned_p, labels),
+            "majority_class": float(max(labels.mean(), 1 - labels.mean())),
+        },
+    }
+    attributes = images.set_index("image_id")["attributes"]
+    if all(len(attributes[e.query]) for e in validation):  # the agent world
+        scores = [
+            counting_rule_score(
+                [attributes[i] for i in e.liked],
+                [attributes[i] for i in e.disliked],
+                attributes[e.query],
+            )
+            for e in validation
+        ]
+        metrics["accuracy"]["counting_rule"] = counting_rule_accuracy(scores, labels.tolist())
+    if "utility" in interactions:
+        utility = interactions.set_index(["user_id", "image_id"])["utility"]
+        positive = np.array([utility[(e.user_id, e.query)] > 0 for e in validation])
+        # A label that disagrees with the true utility is noise no model can predict.
+        metrics["accuracy"]["label_noise_ceiling"] = float((positive == (labels == LIKED)).mean())
+        metrics["judge_agreement_with_utility_sign"] = float(((tuned_p > 0.5) == positive).mean())
+    judge = MllmPreferenceModel(
+        tuned_mllm, processor, slot_positions=params.slot_positions, batch_size=8
+    )
+    shown = validation[:8]
+    answers = judge.answer(*_contexts_and_queries(shown, pictures))
+    metrics["example_answers"] = [
+        {"user_id": e.user_id, "query": e.query, "expected": e.answer, "answered": a}
+        for e, a in zip(shown, answers, strict=True)
+    ]
+    metrics["training"] = {
+        "wall_seconds": tuning_report["wall_seconds"],
+        "samples_per_second": [stage["samples_per_second"] for stage in tuning_report["stages"]],
+    }
+    return metrics, _learning_curve_figure(tuning_report["learning_curve"], metrics)
+
+
+def accuracy(
+    model: torch.nn.Module,
+    processor: ProcessorMixin,
+    examples: Sequence[VqaExample],
+    pictures: Mapping[str, np.ndarray],
+    params: VqaTuningParams,
+) -> float:
+    """Yes/no accuracy of ``model``'s judge on ``examples`` (leaves it in training mode)."""
+    was_training = model.training
+    p_yes = _judge(model, processor, examples, pictures, params)
+    model.train(was_training)
+    return _hits(p_yes, np.array([example.label for example in examples]))
+
+
+def _curve_recorder(
+    curve: list[dict],
+    measure: Callable[[], float],
+    *,
+    every: int,
+    stage: int,
+    k: int,
+    samples_before: int,
+) -> Callable[[int, dict[str, float]], None]:
+    """An ``on_log`` callback appending a learning-curve point every ``every`` steps."""
+
+    def record(step: int, entry: dict[str, float]) -> None:
+        if step % every == 0:
+            curve.append(
+                {
+                    "stage": stage,
+                    "k": k,
+                    "step": step,
+                    "samples_seen": samples_before + int(entry["samples_seen"]),
+                    "train_loss": round(entry["loss"], 4),
+                    "val_accuracy": measure(),
+                }
+            )
+
+    return record
+
+
+def _judge(model, processor, examples, pictures, params) -> np.ndarray:
+    judge = MllmPreferenceModel(
+        model, processor, slot_positions=params.slot_positions, batch_size=params.judge_batch_size
+    )
+    return judge.judge(*_contexts_and_queries(examples, pictures)).numpy()
+
+
+def _contexts_and_queries(
+    examples: Sequence[VqaExample], pictures: Mapping[str, np.ndarray]
+) -> tuple[list[PreferenceContext], list[np.ndarray]]:
+    contexts = [
+        PreferenceContext([pictures[i] for i in e.liked], [pictures[i] for i in e.disliked])
+        for e in examples
+    ]
+    return contexts, [pictures[e.query] for e in examples]
+
+
+def _hits(p_yes: np.ndarray, labels: np.ndarray) -> float:
+    return float(((p_yes > 0.5) == (labels == LIKED)).mean())
+
+
+def _vision_tower(model: PreTrainedModel) -> torch.nn.Module:
+    """The vision encoder of a LLaVA-style or Qwen2-VL model."""
+    inner = model.model
+    for name in ("vision_tower", "visual"):
+        if hasattr(inner, name):
+            return getattr(inner, name)
+    raise AttributeError(f"{type(model).__name__} has no vision_tower or visual module")
+
+
+def _examples_fingerprint(examples: Sequence[VqaExample]) -> str:
+    return f"{len(examples)} first={examples[0]} last={examples[-1]}"
+
+
+def _learning_curve_figure(curve: Sequence[dict], metrics: dict) -> plt.Figure:
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if curve:
+        frame = pd.DataFrame(curve)
+        axis.plot(frame["samples_seen"], frame["val_accuracy"], marker="o", label="tuned MLLM")
+    references = metrics["accuracy"]
+    for name, style in (
+        ("counting_rule", "--"),
+        ("label_noise_ceiling", ":"),
+        ("untuned", "-."),
+        ("majority_class", (0, (1, 3))),
+    ):
+        if name in references:
+            axis.axhline(references[name], linestyle=style, color="grey", linewidth=1)
+            axis.annotate(name.replace("_", " "), (0, references[name]), fontsize=7, va="bottom")
+    axis.set_xlabel("training samples seen")
+    axis.set_ylabel(f"validation yes/no accuracy (K={metrics['k']})")
+    axis.set_ylim(0.3, 1.0)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,126 @@
+"""Pretraining tasks on simulated foundation users: questions, curricula, taste answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prefgen_kedro.data.tables import LIKED
+from prefgen_kedro.models.mllm import (
+    IGNORE_INDEX,
+    build_tiny_mllm,
+    build_tiny_processor,
+    train_tokenizer,
+)
+from prefgen_kedro.models.mllm_pretraining import (
+    DESCRIBE,
+    CaptionTask,
+    SimulatedUserVqa,
+    evaluate_on_simulated_users,
+)
+from prefgen_kedro.models.vqa import parse_taste, vqa_corpus
+from prefgen_kedro.world.agent_world import render_set
+from prefgen_kedro.world.vocabulary import attribute, attribute_ids
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return render_set(300, seed=0, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def processor(pool):
+    tokenizer = train_tokenizer(vqa_corpus(pool.captions, [DESCRIBE]), vocab_size=400)
+    return build_tiny_processor(tokenizer, image_size=SIZE, image_token_grid=1, cls_token=True)
+
+
+def questions(pool, processor, n=200, **settings):
+    task = SimulatedUserVqa(pool, processor, n_samples=n, seed=1, **({"k": (1, 4)} | settings))
+    return task, [task.question(i) for i in range(n)]
+
+
+def test_questions_are_balanced_true_to_the_user_and_never_show_the_query(pool, processor):
+    task, asked = questions(pool, processor)
+    assert 0.4 < np.mean([q.label == LIKED for q in asked]) < 0.6
+    assert {len(q.liked) for q in asked} == {1, 2, 3, 4}
+    for q in asked:
+        assert len(q.liked) == len(q.disliked) and q.query not in q.liked + q.disliked
+        utility = lambda i, q=q: q.user.utility(attribute_ids(pool.styles[i]))  # noqa: E731
+        assert all(utility(i) > 0 for i in q.liked) and all(utility(i) < 0 for i in q.disliked)
+        assert (utility(q.query) > 0) == (q.label == LIKED)
+        opinion = q.user.liked if q.label == LIKED else q.user.disliked
+        for word in q.answer.removeprefix("Yes, because it is ").split(" and "):
+            if "because" not in q.answer:
+                break
+            assert any(attribute(a).value in word for a in opinion)
+    # a fresh user per question, and the same question for the same index
+    assert len({tuple(sorted(q.user.liked)) for q in asked}) > 150
+    assert task.question(7) == questions(pool, processor)[0].question(7)
+
+
+def test_copied_queries_come_from_the_context_side_of_their_label(pool, processor):
+    _, asked = questions(pool, processor, copy_probability=1.0)
+    for q in asked:
+        assert q.query in (q.liked if q.label == LIKED else q.disliked)
+    _, none = questions(pool, processor, copy_probability=0.0)
+    assert not any(q.query in q.liked + q.disliked for q in none)
+
+
+def test_taste_samples_ask_about_the_context_and_name_shown_attributes(pool, processor):
+    task, asked = questions(pool, processor, n=40, taste_probability=1.0)
+    tokenizer = processor.tokenizer
+    for index, q in enumerate(asked):
+        liked, disliked = parse_taste(task.taste(q))
+        shown = {a for i in q.liked for a in attribute_ids(pool.styles[i])}
+        assert {a for a in q.user.liked if a in shown} == {
+            a for a in q.user.liked if attribute(a).value in liked
+        }
+        assert all(any(attribute(a).value == w for a in q.user.disliked) for w in disliked)
+        item = task[index]
+        answer = item["labels"][item["labels"] != IGNORE_INDEX]
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == task.taste(q)
+        # no query image: 2K images
+        assert len(item["pixel_values"]) == 2 * len(q.liked)
+
+
+def test_caption_task_labels_the_caption(pool, processor):
+    task = CaptionTask(pool, processor, n_samples=5, seed=0)
+    item = task[0]
+    answer = processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX])
+    assert answer.strip().removesuffix("</s>") in pool.captions
+    assert len(item["pixel_values"]) == 1
+    with pytest.raises(IndexError):
+        task[5]
+
+
+def test_evaluation_compares_the_judge_with_the_counting_rule(pool, processor):
+    model = build_tiny_mllm(
+        processor.tokenizer,
+        image_token_grid=1,
+        cls_token=True,
+        tag_image_groups=True,
+        text_width=16,
+        text_layers=1,
+        text_heads=2,
+        max_positions=256,
+        seed=0,
+        vision_config={
+            "image_size": SIZE,
+            "patch_size": 4,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        },
+    )
+    model.train()
+    result = evaluate_on_simulated_users(
+        model, processor, pool, k=2, n_questions=24, seed=0, slot_positions=True
+    )
+    assert model.training  # left as it was
+    assert result["k"] == 2 and result["questions"] == 24
+    assert 0 <= result["accuracy"] <= 1
+    # the counting rule reads true attributes: far above chance even at K=2
+    assert result["counting_rule"] > 0.6
