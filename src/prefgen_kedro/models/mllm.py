@@ -600,15 +600,20 @@ class MllmPreferenceModel:
 
     @torch.inference_mode()
     def hidden_states(
-        self, contexts: Sequence[PreferenceContext], queries: Sequence[np.ndarray] | None = None
+        self,
+        contexts: Sequence[PreferenceContext],
+        queries: Sequence[np.ndarray] | None = None,
+        question: str = QUESTION,
     ) -> torch.Tensor:
         """The last prompt token's hidden state at the embeddings and after every layer:
-        (N, n_layers + 1, width), float32 on the CPU."""
+        (N, n_layers + 1, width), float32 on the CPU. Without queries, a ``question`` other
+        than the default ends the prompt (e.g. ``TASTE_QUESTION``: the states the model
+        answers the user's taste from)."""
         states = [
             torch.stack(self.model(**batch, output_hidden_states=True).hidden_states, dim=1)[
                 :, :, -1
             ]
-            for batch in self._batches(contexts, queries)
+            for batch in self._batches(contexts, queries, question)
         ]
         return torch.cat(states).float().cpu()
 

@@ -27,7 +27,12 @@ from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
 from prefgen_kedro.models.probes import layerwise_accuracy, select_layers
 from prefgen_kedro.models.user_adapter import choose_image_embedding
-from prefgen_kedro.models.vqa import sample_contexts, sample_vqa_examples
+from prefgen_kedro.models.vqa import (
+    QUESTION,
+    TASTE_QUESTION,
+    sample_contexts,
+    sample_vqa_examples,
+)
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures
 
@@ -50,6 +55,9 @@ class ProbingParams(StrictParams):
     inter_user_train_contexts: int = Field(ge=1)  # the rest are the probe's test contexts
     intra_user_questions_per_user: int = Field(ge=1)
     slot_positions: bool
+    # What the context-only prompt ends with: nothing, or the taste question (whose last
+    # token is where the model starts to name the user's likes and dislikes).
+    context_readout: Literal["context", "taste_question"]
     batch_size: int = Field(ge=1)
     probe: ProbeFitParams
     selection: LayerSelectionParams
@@ -107,7 +115,10 @@ def read_hidden_states(
     ]
     split = users.set_index("user_id")["split"]
     return {
-        "contexts": model.hidden_states(contexts),
+        "contexts": model.hidden_states(
+            contexts,
+            question=TASTE_QUESTION if params.context_readout == "taste_question" else QUESTION,
+        ),
         "questions": model.hidden_states(question_contexts, [pictures[q.query] for q in questions]),
         "question_table": pd.DataFrame(
             {
