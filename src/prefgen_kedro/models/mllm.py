@@ -33,7 +33,7 @@ Public API:
 - ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
   ``VqaDataset`` — model inputs, with labels only on the answer tokens and the eos.
 - ``vqa_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train``.
-- ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model.
+- ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model; ``vision_encoder``.
 - ``MllmPreferenceModel`` — ``hidden_states``, ``judge`` (P("Yes")), ``answer``.
 """
 
@@ -532,6 +532,15 @@ def vqa_loss(
     predicted = output.logits[rows, first - 1].argmax(dim=-1)
     accuracy = (predicted == labels[rows, first]).float().mean()
     return output.loss, {"first_token_accuracy": float(accuracy)}
+
+
+def vision_encoder(model: PreTrainedModel) -> nn.Module:
+    """The vision encoder of a LLaVA-style (``vision_tower``) or Qwen2-VL (``visual``) model,
+    which LLaVA's recipe keeps frozen."""
+    for name in ("vision_tower", "visual"):
+        if hasattr(model.model, name):
+            return getattr(model.model, name)
+    raise AttributeError(f"{type(model).__name__} has no vision_tower or visual module")
 
 
 # ---- LoRA ----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from prefgen_kedro.models.vqa import (
     TASTE_QUESTION,
     answer_text,
     counting_rule_accuracy,
-    counting_rule_score,
+    counting_rule_scores,
     taste_text,
 )
 from prefgen_kedro.world.agent_world import RenderSet
@@ -256,15 +256,7 @@ def evaluate_on_simulated_users(
     )
     model.train(was_training)
     labels = [q.label for q in asked]
-    attributes = questions.pool_attributes
-    scores = [
-        counting_rule_score(
-            [attributes[i] for i in q.liked],
-            [attributes[i] for i in q.disliked],
-            attributes[q.query],
-        )
-        for q in asked
-    ]
+    scores = counting_rule_scores(asked, questions.pool_attributes)
     predicted = (p_yes > 0.5).long().tolist()
     return {
         "k": k,

@@ -12,15 +12,16 @@ a distinct marker (and the slot-aligned positions of ``mllm.py``, which find slo
 
 Public API: ``VqaExample``, ``sample_vqa_examples``, ``build_prompt``, ``vqa_corpus``,
 ``examples_table`` / ``examples_from_table``, ``sample_contexts``, ``counting_rule_score`` /
-``counting_rule_accuracy`` (the reference a reader of the attributes reaches), the
-placeholder and marker strings, and ``YES`` / ``NO``.
+``counting_rule_scores`` / ``counting_rule_accuracy`` (the reference a reader of the
+attributes reaches), the placeholder and marker strings, and ``YES`` / ``NO``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -295,6 +296,21 @@ def counting_rule_score(
     return sum(
         sum(a in image for image in liked) - sum(a in image for image in disliked) for a in query
     )
+
+
+def counting_rule_scores(
+    questions: Iterable, attributes: Mapping[Any, Collection[str]]
+) -> list[int]:
+    """``counting_rule_score`` of each question (anything with ``liked``, ``disliked`` and
+    ``query`` image keys), reading each image's attributes from ``attributes``."""
+    return [
+        counting_rule_score(
+            [attributes[i] for i in q.liked],
+            [attributes[i] for i in q.disliked],
+            attributes[q.query],
+        )
+        for q in questions
+    ]
 
 
 def counting_rule_accuracy(scores: Sequence[int], labels: Sequence[int]) -> float:

@@ -49,6 +49,7 @@ from prefgen_kedro.models.mllm import (
     build_tiny_mllm,
     build_tiny_processor,
     train_tokenizer,
+    vision_encoder,
     vqa_loss,
 )
 from prefgen_kedro.models.mllm_pretraining import (
@@ -480,7 +481,7 @@ def pretrain_mllm(
         **arch.model_dump(exclude={"vocab_size"}),
     )
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
-    frozen = {id(p) for p in model.model.vision_tower.parameters()}
+    frozen = {id(p) for p in vision_encoder(model).parameters()}
     trainable = [p for p in model.parameters() if id(p) not in frozen]
     evaluate = functools.partial(
         _evaluate_mllm, processor=processor, heldout=heldout, params=params

@@ -29,12 +29,13 @@ from prefgen_kedro.models.mllm import (
     PreferenceContext,
     VqaDataset,
     add_lora,
+    vision_encoder,
     vqa_loss,
 )
 from prefgen_kedro.models.vqa import (
     VqaExample,
     counting_rule_accuracy,
-    counting_rule_score,
+    counting_rule_scores,
     examples_from_table,
     examples_table,
     sample_vqa_examples,
@@ -121,7 +122,7 @@ def tune_mllm(
     if params.lora is not None:
         model = add_lora(mllm, **params.lora.model_dump())
     # The vision tower stays as pretrained (LLaVA's recipe; LoRA targets come from params).
-    frozen = {id(p) for p in _vision_tower(mllm).parameters()}
+    frozen = {id(p) for p in vision_encoder(mllm).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
     curve: list[dict] = []
@@ -208,14 +209,7 @@ def evaluate_vqa(
     }
     attributes = images.set_index("image_id")["attributes"]
     if all(len(attributes[e.query]) for e in validation):  # the agent world
-        scores = [
-            counting_rule_score(
-                [attributes[i] for i in e.liked],
-                [attributes[i] for i in e.disliked],
-                attributes[e.query],
-            )
-            for e in validation
-        ]
+        scores = counting_rule_scores(validation, attributes)
         metrics["accuracy"]["counting_rule"] = counting_rule_accuracy(scores, labels.tolist())
     if "utility" in interactions:
         utility = interactions.set_index(["user_id", "image_id"])["utility"]
@@ -299,15 +293,6 @@ def _contexts_and_queries(
 
 def _hits(p_yes: np.ndarray, labels: np.ndarray) -> float:
     return float(((p_yes > 0.5) == (labels == LIKED)).mean())
-
-
-def _vision_tower(model: PreTrainedModel) -> torch.nn.Module:
-    """The vision encoder of a LLaVA-style or Qwen2-VL model."""
-    inner = model.model
-    for name in ("vision_tower", "visual"):
-        if hasattr(inner, name):
-            return getattr(inner, name)
-    raise AttributeError(f"{type(model).__name__} has no vision_tower or visual module")
 
 
 def _examples_fingerprint(examples: Sequence[VqaExample]) -> str:
