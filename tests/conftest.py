@@ -79,3 +79,15 @@ def smoke_tuned(smoke_foundation: Path, smoke_project: Path) -> Path:
 def smoke_aligned(smoke_tuned: Path, smoke_project: Path) -> Path:
     """``probing`` and ``alignment`` run once on ``smoke``, after ``smoke_tuned``."""
     return _run_once(smoke_project, ["probing", "alignment"])
+
+
+@pytest.fixture(scope="session")
+def smoke_diffused(smoke_aligned: Path, smoke_project: Path) -> Path:
+    """``diffusion`` run once on ``smoke``, after ``smoke_aligned``."""
+    return _run_once(smoke_project, ["diffusion"])
+
+
+@pytest.fixture(scope="session")
+def smoke_evaluated(smoke_diffused: Path, smoke_project: Path) -> Path:
+    """``evaluation`` run once on ``smoke``, after ``smoke_diffused``."""
+    return _run_once(smoke_project, ["evaluation"])

@@ -9,3 +9,7 @@ CONFIG_LOADER_ARGS = {
     # `smoke` and `gpu` override single keys of base's nested parameters, not whole blocks.
     "merge_strategy": {"parameters": "soft"},
 }
+
+from prefgen_kedro.hooks import RunInfoHook  # noqa: E402
+
+HOOKS = (RunInfoHook(),)

@@ -7,11 +7,13 @@ import torch
 import torch_fidelity
 from PIL import Image
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 
 from prefgen_kedro.models.fid import (
     FEATURE_LAYER,
     FID_EXTRACTOR_NAME,
+    ReferenceStatistics,
     UInt8ImageDataset,
     compute_fid_kid,
     fid_inception_input,
@@ -126,3 +128,23 @@ def test_fid_separates_distributions_and_caches_the_reference(tmp_path):
     far = compute_fid_kid(other, reference, **cache)
     assert far["fid"] > 3 * close["fid"] > 0
     assert far["kid_mean"] > close["kid_mean"] + 0.1
+
+
+def test_reference_statistics_match_torch_fidelity_kid_and_the_exact_fid():
+    rng = np.random.default_rng(5)
+    reference = rng.normal(0, 1, size=(40, 16))
+    evaluated = rng.normal(0.3, 1.2, size=(40, 16))
+    statistics = ReferenceStatistics(reference)
+    # One torch-fidelity KID subset of the whole (equal-sized) sets is the same unbiased MMD².
+    kid = kid_features_to_metric(
+        torch.from_numpy(evaluated),
+        torch.from_numpy(reference),
+        kid_subsets=1,
+        kid_subset_size=40,
+        verbose=False,
+    )[KEY_METRIC_KID_MEAN]
+    assert statistics.kid(evaluated) == pytest.approx(kid, rel=1e-9)
+    assert statistics.fid(evaluated) == frechet_distance(evaluated, reference)
+    assert statistics.fid(reference) < 1e-9
+    with pytest.raises(ValueError, match="width"):
+        statistics.fid(evaluated[:, :8])

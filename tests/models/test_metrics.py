@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from prefgen_kedro.models.metrics import bootstrap_ci, clip_preference, clip_score, win_rate
+from prefgen_kedro.models.metrics import (
+    bootstrap_ci,
+    bootstrap_set_statistic,
+    clip_preference,
+    clip_score,
+    per_user_wins,
+    win_rate,
+)
 
 
 def test_bootstrap_ci_covers_the_mean_and_matches_the_normal_approximation():
@@ -43,3 +50,30 @@ def test_clip_preference_is_liked_minus_disliked_similarity():
     liked = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # cos 1 and 0
     disliked = torch.tensor([[[-1.0, 0.0], [0.0, 1.0]]])  # cos -1 and 0
     torch.testing.assert_close(clip_preference(image, liked, disliked), torch.tensor([1.0]))
+
+
+def test_bootstrap_set_statistic_reports_the_whole_set_and_brackets_it():
+    rng = np.random.default_rng(0)
+    groups = [rng.normal(0, 1, size=(3, 2)) for _ in range(40)]
+    pooled = np.concatenate(groups)
+
+    def spread(rows):  # biased by repeated rows, as FID is
+        return float(np.var(rows[:, 0]))
+
+    result = bootstrap_set_statistic(groups, spread, resamples=300, seed=2)
+    assert result["mean"] == pytest.approx(spread(pooled)) and result["n"] == 40
+    assert result["ci_low"] <= result["mean"] <= result["ci_high"]
+    constant = bootstrap_set_statistic(groups, lambda rows: 5.0, resamples=20)
+    assert (constant["ci_low"], constant["mean"], constant["ci_high"]) == (5.0, 5.0, 5.0)
+    floored = bootstrap_set_statistic(groups, lambda rows: float(rows[0, 0]), floor=0.0)
+    assert floored["ci_low"] >= 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_set_statistic([], spread)
+
+
+def test_per_user_wins_scores_each_shared_user():
+    assert per_user_wins({"a": 2, "b": 1, "c": 1}, {"a": 1, "b": 1, "c": 3, "x": 0}) == {
+        "a": 1.0,
+        "b": 0.5,
+        "c": 0.0,
+    }

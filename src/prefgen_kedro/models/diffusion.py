@@ -267,6 +267,7 @@ def sample(
     extra_guidance_scale: float | None = None,
     batch_size: int = 64,
     vae: AutoencoderKL | None = None,
+    mixed_precision: str = "no",
 ) -> np.ndarray:
     """Deterministic DDIM (eta 0) with classifier-free guidance -> uint8 (N, H, W, 3).
 
@@ -288,8 +289,12 @@ def sample(
     guidance, as InstructPix2Pix does for its two): ``ε(∅, ∅') + guidance_scale ·
     (ε(c, ∅') − ε(∅, ∅')) + extra_guidance_scale · (ε(c, e) − ε(c, ∅'))`` with ``c`` the
     prompt, ``e`` the extra condition and ``∅'`` the negative one. With ``vae`` the UNet
-    works in its latent space and images are decoded, as in SD.
+    works in its latent space and images are decoded, as in SD. ``mixed_precision="bf16"``
+    runs the UNet under bf16 autocast (twice as fast on a CPU with AVX512-BF16); the
+    scheduler arithmetic stays in float32.
     """
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
     n = len(seeds)
     if prompt_embeds.shape[0] != n:
         raise ValueError(f"{prompt_embeds.shape[0]} prompt embeddings but {n} seeds")
@@ -341,9 +346,12 @@ def sample(
             for timestep in ddim.timesteps:
                 model_input = torch.cat([latents] * len(texts))
                 model_input = ddim.scale_model_input(model_input, timestep).to(dtype)
-                outputs = unet(
-                    model_input, timestep, encoder_hidden_states=condition, **extra
-                ).sample.float()
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"
+                ):
+                    outputs = unet(
+                        model_input, timestep, encoder_hidden_states=condition, **extra
+                    ).sample.float()
                 output = _guided(outputs.chunk(len(texts)), guidance_scale, extra_guidance_scale)
                 latents = ddim.step(output, timestep, latents).prev_sample
             if vae is not None:

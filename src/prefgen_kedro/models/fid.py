@@ -193,30 +193,102 @@ def _covariance_factor(features: np.ndarray) -> np.ndarray:
     return centred
 
 
+class ReferenceStatistics:
+    """A reference feature set's statistics, computed once, so FID and KID of many sets
+    against it (one per method and bootstrap resample) cost little each."""
+
+    def __init__(self, features: torch.Tensor | np.ndarray) -> None:
+        reference = _as_features(features)
+        self.dimension = reference.shape[1]
+        self.mean = reference.mean(axis=0)
+        self.factor = _covariance_factor(reference)
+        self.dof = len(reference) - 1
+        self.trace = float(np.sum(self.factor**2)) / self.dof
+        self.features = reference
+        kernel = _cubic_kernel(reference, reference)
+        n = len(reference)
+        self.kernel_self_term = float((kernel.sum() - np.trace(kernel)) / (n * (n - 1)))
+
+    def fid(self, features: torch.Tensor | np.ndarray) -> float:
+        """Fréchet distance between Gaussians fitted to ``features`` and the reference, in
+        float64, via ``tr sqrt(S_a S_b) = ||L_a L_b^T||_* / sqrt((n_a - 1)(n_b - 1))`` with
+        ``(n - 1) S = L^T L``: singular values are well conditioned, so no round-off is
+        square-rooted and identical sets give 0 to ~1e-12 (see the module docstring)."""
+        a = self._checked(features)
+        factor_a, dof_a = _covariance_factor(a), len(a) - 1
+        mean_term = float(np.sum((a.mean(axis=0) - self.mean) ** 2))
+        trace_a = float(np.sum(factor_a**2)) / dof_a
+        nuclear = np.linalg.svd(factor_a @ self.factor.T, compute_uv=False).sum()
+        trace_sqrt = float(nuclear) / float(np.sqrt(dof_a * self.dof))
+        # The exact value is >= 0; only round-off (~1e-12) can take it below.
+        return max(mean_term + trace_a + self.trace - 2.0 * trace_sqrt, 0.0)
+
+    def kid(self, features: torch.Tensor | np.ndarray) -> float:
+        """KID on whole sets: the unbiased MMD² with the cubic polynomial kernel
+        ``(x·y / d + 1)³`` (Bińkowski et al., 2018), as one torch-fidelity subset does."""
+        a = self._checked(features)
+        m = len(a)
+        kernel_a = _cubic_kernel(a, a)
+        return float(
+            (kernel_a.sum() - np.trace(kernel_a)) / (m * (m - 1))
+            + self.kernel_self_term
+            - 2 * _cubic_kernel(a, self.features).mean()
+        )
+
+    def _checked(self, features: torch.Tensor | np.ndarray) -> np.ndarray:
+        a = _as_features(features)
+        if a.shape[1] != self.dimension:
+            raise ValueError(f"features of width {a.shape[1]}, reference {self.dimension}")
+        return a
+
+
+def _as_features(features: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = np.asarray(features, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"expected an (n, d) feature set, got shape {array.shape}")
+    if len(array) < 2:
+        raise ValueError("each feature set needs at least 2 samples")
+    return array
+
+
+def _cubic_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
 def frechet_distance(
     features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray
 ) -> float:
-    """Fréchet distance between Gaussians fitted to two (n, d) feature sets, in float64.
+    """Fréchet distance between Gaussians fitted to two (n, d) feature sets (exact; see
+    :meth:`ReferenceStatistics.fid`)."""
+    return ReferenceStatistics(features_b).fid(features_a)
 
-    Uses ``tr sqrt(S_a S_b) = ||L_a L_b^T||_* / sqrt((n_a - 1)(n_b - 1))`` with
-    ``(n - 1) S = L^T L``: singular values are well conditioned, so no round-off is
-    square-rooted and identical sets give 0 to ~1e-12 (see the module docstring).
-    """
-    a = np.asarray(features_a, dtype=np.float64)
-    b = np.asarray(features_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"expected two (n, d) feature sets, got {a.shape} and {b.shape}")
-    if min(len(a), len(b)) < 2:
-        raise ValueError("each feature set needs at least 2 samples for a covariance")
-    factor_a, factor_b = _covariance_factor(a), _covariance_factor(b)
-    dof_a, dof_b = len(a) - 1, len(b) - 1
-    mean_term = float(np.sum((a.mean(axis=0) - b.mean(axis=0)) ** 2))
-    trace_a = float(np.sum(factor_a**2)) / dof_a
-    trace_b = float(np.sum(factor_b**2)) / dof_b
-    nuclear = np.linalg.svd(factor_a @ factor_b.T, compute_uv=False).sum()
-    trace_sqrt = float(nuclear) / float(np.sqrt(dof_a * dof_b))
-    # The exact value is >= 0; only round-off (~1e-12) can take it below.
-    return max(mean_term + trace_a + trace_b - 2.0 * trace_sqrt, 0.0)
+
+def inception_features(
+    images: Images,
+    *,
+    batch_size: int = 64,
+    cache_name: str | None = None,
+    cache_root: str | Path | None = None,
+    cuda: bool | None = None,
+) -> np.ndarray:
+    """The standard FID Inception's 2048-d pool features of ``images`` (float64, (N, 2048)),
+    extracted by torch-fidelity; with ``cache_name`` they are cached on disk under that name
+    (which must change whenever the images do) and reused by later calls."""
+    dataset = UInt8ImageDataset(images)
+    options: dict[str, object] = {
+        "input1": dataset,
+        "input1_cache_name": cache_name,
+        "cache": cache_name is not None,
+        "cache_root": None if cache_root is None else str(cache_root),
+        "batch_size": batch_size,
+        "cuda": torch.cuda.is_available() if cuda is None else cuda,
+        # In-memory images gain nothing from DataLoader worker processes.
+        "save_cpu_ram": True,
+        "verbose": False,
+    }
+    extractor = create_feature_extractor(register_fid_inception(), [FEATURE_LAYER], **options)
+    features = extract_featuresdict_from_input_id_cached(1, extractor, **options)[FEATURE_LAYER]
+    return features.double().numpy()
 
 
 def compute_fid_kid(
@@ -248,29 +320,19 @@ def compute_fid_kid(
     Returns:
         ``{"fid": ..., "kid_mean": ..., "kid_std": ...}``.
     """
-    dataset_a, dataset_b = UInt8ImageDataset(images_a), UInt8ImageDataset(images_b)
-    if min(len(dataset_a), len(dataset_b)) < 2:
+    features_a = inception_features(images_a, batch_size=batch_size, cuda=cuda)
+    features_b = inception_features(
+        images_b, batch_size=batch_size, cache_name=cache_name, cache_root=cache_root, cuda=cuda
+    )
+    if min(len(features_a), len(features_b)) < 2:
         raise ValueError("each image set needs at least 2 images")
-    subset_size = min(kid_subset_size or 1000, len(dataset_a), len(dataset_b))
-    options: dict[str, object] = {
-        "input1": dataset_a,
-        "input2": dataset_b,
-        "input2_cache_name": cache_name,
-        "cache": cache_name is not None,
-        "cache_root": None if cache_root is None else str(cache_root),
-        "batch_size": batch_size,
-        "cuda": torch.cuda.is_available() if cuda is None else cuda,
-        # In-memory images gain nothing from DataLoader worker processes.
-        "save_cpu_ram": True,
-        "verbose": False,
-        "kid_subsets": kid_subsets,
-        "kid_subset_size": subset_size,
-    }
-    # The same steps torch_fidelity.calculate_metrics takes, minus its FID formula.
-    extractor = create_feature_extractor(register_fid_inception(), [FEATURE_LAYER], **options)
-    features_a = extract_featuresdict_from_input_id_cached(1, extractor, **options)[FEATURE_LAYER]
-    features_b = extract_featuresdict_from_input_id_cached(2, extractor, **options)[FEATURE_LAYER]
-    kid = kid_features_to_metric(features_a, features_b, **options)
+    kid = kid_features_to_metric(
+        torch.from_numpy(features_a).float(),
+        torch.from_numpy(features_b).float(),
+        kid_subsets=kid_subsets,
+        kid_subset_size=min(kid_subset_size or 1000, len(features_a), len(features_b)),
+        verbose=False,
+    )
     return {
         "fid": frechet_distance(features_a, features_b),
         "kid_mean": kid[KEY_METRIC_KID_MEAN],

@@ -8,7 +8,7 @@ as real users are noisy. The flip rate sets the Bayes ceiling of any preference 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,6 +157,16 @@ def user_from_row(row: Mapping) -> SimulatedUser:
         liked=dict(zip(row["liked_attributes"], row["liked_weights"], strict=True)),
         disliked=dict(zip(row["disliked_attributes"], row["disliked_weights"], strict=True)),
     )
+
+
+def simulated_users(users: pd.DataFrame, user_ids: Iterable[str]) -> list[SimulatedUser]:
+    """The simulated user behind each id of ``user_ids``, in order, from the users table."""
+    by_user = users.set_index("user_id")
+    user_ids = list(user_ids)
+    missing = sorted(set(user_ids) - set(by_user.index))
+    if missing:
+        raise KeyError(f"the users table has no rows for user ids {missing[:5]}")
+    return [user_from_row({"user_id": u, **by_user.loc[u].to_dict()}) for u in user_ids]
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,8 @@ import pandas as pd
 from prefgen_kedro.models.user_adapter import UserBranches
 
 
-def test_diffusion_runs_on_smoke(run_smoke, smoke_aligned):
-    run_smoke("diffusion")
-    data = smoke_aligned
+def test_diffusion_runs_on_smoke(smoke_diffused):
+    data = smoke_diffused
 
     conditions = pd.read_parquet(data / "05_model_input" / "user_conditions.parquet")
     users = pd.read_parquet(data / "02_intermediate" / "users.parquet")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -29,25 +30,27 @@ from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
     DiffusionLoss,
     encode_prompts,
-    sample,
     sample_grid,
     to_diffusion_pixels,
 )
-from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
+from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.user_adapter import (
     UserAdapter,
     UserBranches,
     UserConditionedUnet,
     choose_image_embedding,
-    install_user_adapter,
 )
-from prefgen_kedro.models.vqa import TASTE_QUESTION, parse_taste
+from prefgen_kedro.models.user_generation import (
+    draw_subject_prompts,
+    oracle_preference,
+    sample_methods,
+)
 from prefgen_kedro.pipelines.params import StrictParams
-from prefgen_kedro.pipelines.pictures import load_pictures
+from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
 from prefgen_kedro.training import TrainConfig, train
-from prefgen_kedro.world.agent_world import user_from_row
-from prefgen_kedro.world.vocabulary import HEADS, subject_prompt
+from prefgen_kedro.world.agent_world import simulated_users
+from prefgen_kedro.world.vocabulary import subject_prompt
 
 PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip")
 
@@ -57,6 +60,7 @@ class UserSamplingParams(StrictParams):
     user_guidance_scale: float = Field(ge=0.0)  # on the user condition
     num_inference_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    mixed_precision: Literal["no", "bf16"]  # bf16 autocast: 2x on this CPU, same images
 
 
 class ValidationParams(StrictParams):
@@ -193,66 +197,67 @@ def evaluate_user_branches(
 ) -> tuple[dict, Image.Image]:
     """Oracle like-rate and subject accuracy of each branch, of the bare base model and of
     ``viper_style`` on the validation users' canonical contexts, sampling images/s, and a
-    grid of a few users."""
+    grid of a few users. (The benchmark on test users is the ``evaluation`` pipeline.)"""
     validation = user_conditions[
         (user_conditions["split"] == "val") & (user_conditions["context"] == 0)
-    ]
-    prompts, rows, seeds = _validation_prompts(validation, params.validation)
-    text_encoder = conditioning_clip.text_model.float().eval()
-    prompt_embeds = encode_prompts(
-        text_encoder, clip_tokenizer, [subject_prompt(s) for s in prompts]
+    ].set_index("user_id")
+    cases = draw_subject_prompts(
+        list(validation.index), params.validation.prompts_per_user, params.validation.seed
     )
-    empty = encode_prompts(text_encoder, clip_tokenizer, [""])
-    unet = base_unet.float().eval()
+    cases = cases.join(validation, on="user_id")
     oracle = attribute_oracle.float().eval()
-    by_user = users.set_index("user_id")
-    simulated = [user_from_row({"user_id": u, **by_user.loc[u].to_dict()}) for u in rows["user_id"]]
-    metrics: dict = {
-        "users": int(validation["user_id"].nunique()),
-        "images_per_method": len(prompts),
-    }
-    generated = {}
-    for name, adapter in [("base", None), *user_branches.adapters.items()]:
-        started = time.perf_counter()
-        generated[name] = _generate(
-            unet, noise_scheduler, adapter, rows, prompt_embeds, empty, seeds, params.sampling
-        )
-        seconds = time.perf_counter() - started
-        metrics[name] = {
-            **_oracle_scores(oracle, generated[name], prompts, simulated),
-            "images_per_second": round(len(prompts) / seconds, 2),
+    simulated = simulated_users(users, cases["user_id"])
+    samples = sample_methods(
+        ["base", *user_branches.adapters, "viper_style"],
+        cases,
+        unet=base_unet.float().eval(),
+        scheduler=noise_scheduler,
+        text_encoder=conditioning_clip.text_model.float().eval(),
+        tokenizer=clip_tokenizer,
+        branches=user_branches.adapters,
+        taste_reader=preference_reader(tuned_mllm, mllm_processor, params.viper_style),
+        contexts=preference_contexts(validation, load_pictures(raw_images)),
+        viper_beta=params.viper_style.beta,
+        sampling=params.sampling.model_dump(),
+    )
+    metrics: dict = {"users": len(validation), "images_per_method": len(cases)}
+    for method, images in samples.images.items():
+        scores = oracle_preference(oracle, images, cases["subject"].tolist(), simulated)
+        metrics[method] = {
+            "like_rate": float(scores["liked"].mean()),
+            "mean_utility": float(scores["utility"].mean()),
+            "subject_accuracy": float(scores["subject_correct"].mean()),
+            "images_per_second": samples.images_per_second[method],
         }
-    started = time.perf_counter()
-    viper_embeds, answers = _viper_style_embeds(
-        tuned_mllm,
-        mllm_processor,
-        raw_images,
-        rows,
-        prompt_embeds,
-        text_encoder,
-        clip_tokenizer,
-        params.viper_style,
+    metrics["viper_style"]["taste_answers_read"] = float(
+        np.mean([bool(liked or disliked) for liked, disliked in samples.tastes.values()])
     )
-    generated["viper_style"] = _generate(
-        unet, noise_scheduler, None, rows, viper_embeds, empty, seeds, params.sampling
-    )
-    metrics["viper_style"] = {
-        **_oracle_scores(oracle, generated["viper_style"], prompts, simulated),
-        "images_per_second": round(len(prompts) / (time.perf_counter() - started), 2),
-        "taste_answers_read": float(np.mean([bool(a[0] or a[1]) for a in answers])),
-        "example_taste_answers": [" | ".join(map(", ".join, a)) for a in answers[:4]],
-    }
+    metrics["viper_style"]["example_taste_answers"] = [
+        " | ".join(map(", ".join, taste)) for taste in list(samples.tastes.values())[:4]
+    ]
     metrics["training"] = training_report
+    shown = params.validation.grid_users
     grid = sample_grid(
-        np.concatenate([generated[name][: params.validation.grid_users] for name in generated]),
+        np.concatenate([images[:shown] for images in samples.images.values()]),
         None,
-        [
-            f"{name}: {prompt}"
-            for name in generated
-            for prompt in prompts[: params.validation.grid_users]
-        ],
+        [f"{name}: {subject}" for name in samples.images for subject in cases["subject"][:shown]],
     )
     return metrics, grid
+
+
+def preference_reader(
+    tuned_mllm: PreTrainedModel,
+    mllm_processor: ProcessorMixin,
+    params: ViperStyleParams,
+    batch_size: int | None = None,
+) -> MllmPreferenceModel:
+    """The tuned MLLM as ``viper_style`` reads tastes with it (and the evaluation judges)."""
+    return MllmPreferenceModel(
+        tuned_mllm,
+        mllm_processor,
+        slot_positions=params.mllm_slot_positions,
+        batch_size=batch_size or params.batch_size,
+    )
 
 
 def _training_set(
@@ -288,100 +293,6 @@ def _training_set(
         prompt_embeds=text[[subjects.index(subject[i]) for i in targets]],
         **{part: torch.from_numpy(np.stack(chosen[part].to_list())).float() for part in PARTS},
     )
-
-
-def _validation_prompts(validation: pd.DataFrame, params: ValidationParams):
-    """``prompts_per_user`` subjects per user (drawn with ``seed``), with fixed seeds."""
-    rng = np.random.default_rng(params.seed)
-    subjects = list(HEADS["subject"])
-    repeated = validation.loc[validation.index.repeat(params.prompts_per_user)].reset_index(
-        drop=True
-    )
-    prompts = [subjects[i] for i in rng.integers(len(subjects), size=len(repeated))]
-    seeds = [params.seed * 100_000 + i for i in range(len(repeated))]
-    return prompts, repeated, seeds
-
-
-def _viper_style_embeds(
-    mllm,
-    processor,
-    raw_images,
-    rows,
-    prompt_embeds,
-    text_encoder,
-    tokenizer,
-    params: ViperStyleParams,
-) -> tuple[torch.Tensor, list[tuple[list[str], list[str]]]]:
-    """ViPer-style prompt arithmetic: the tuned MLLM reads each user's taste off the context
-    (``TASTE_QUESTION``, as ViPer's VLM does), and the prompt's embedding moves by ``beta``
-    × (liked-attribute text − disliked-attribute text)."""
-    pictures = load_pictures(raw_images)
-    first = rows.drop_duplicates("user_id")
-    contexts = [
-        PreferenceContext([pictures[i] for i in row.liked], [pictures[i] for i in row.disliked])
-        for row in first.itertuples()
-    ]
-    reader = MllmPreferenceModel(
-        mllm, processor, slot_positions=params.mllm_slot_positions, batch_size=params.batch_size
-    )
-    tastes = dict(
-        zip(
-            first["user_id"],
-            map(parse_taste, reader.answer(contexts, None, TASTE_QUESTION)),
-            strict=True,
-        )
-    )
-    answers = [tastes[user] for user in rows["user_id"]]
-    liked = encode_prompts(text_encoder, tokenizer, [", ".join(a[0]) for a in answers])
-    disliked = encode_prompts(text_encoder, tokenizer, [", ".join(a[1]) for a in answers])
-    return prompt_embeds + params.beta * (liked - disliked), [tastes[u] for u in first["user_id"]]
-
-
-def _generate(
-    unet, scheduler, adapter, rows, prompt_embeds, empty, seeds, sampling: UserSamplingParams
-) -> np.ndarray:
-    common = {
-        "guidance_scale": sampling.guidance_scale,
-        "num_inference_steps": sampling.num_inference_steps,
-        "seeds": seeds,
-        "batch_size": sampling.batch_size,
-    }
-    if adapter is None:
-        unet.set_attn_processor(AttnProcessor2_0())
-        return sample(unet, scheduler, prompt_embeds, empty, **common)
-    install_user_adapter(unet, adapter)
-    parts = {p: torch.from_numpy(np.stack(rows[p].to_list())).float() for p in adapter.part_names}
-    with torch.inference_mode():
-        tokens = adapter.tokens(parts)
-        null = adapter.tokens({p: torch.zeros_like(v) for p, v in parts.items()})
-    return sample(
-        unet,
-        scheduler,
-        prompt_embeds,
-        empty,
-        extra_condition={"cross_attention_kwargs": {"user_tokens": tokens}},
-        negative_extra_condition={"cross_attention_kwargs": {"user_tokens": null}},
-        extra_guidance_scale=sampling.user_guidance_scale,
-        **common,
-    )
-
-
-def _oracle_scores(
-    oracle: AttributeOracle, pictures: np.ndarray, prompts, simulated
-) -> dict[str, float]:
-    """Like-rate and mean utility by the simulated users, and subject accuracy."""
-    predicted = oracle.predict(pictures)
-    utilities = [
-        user.utility([f"{c}:{predicted[c][i]}" for c in HEADS if c != "subject"])
-        for i, user in enumerate(simulated)
-    ]
-    return {
-        "like_rate": float(np.mean([u > 0 for u in utilities])),
-        "mean_utility": float(np.mean(utilities)),
-        "subject_accuracy": float(
-            np.mean([p == s for p, s in zip(predicted["subject"], prompts, strict=True)])
-        ),
-    }
 
 
 def _step_times(

@@ -184,7 +184,7 @@ def fit_probes(
         ),
         "rule": params.selection.model_dump(),
     }
-    return metrics, selection, _probe_figure(metrics, selection)
+    return metrics, selection, probe_figure(metrics, selection)
 
 
 def build_user_embeddings(
@@ -220,7 +220,7 @@ def build_user_embeddings(
     return per_context, user_embeddings
 
 
-def _probe_figure(metrics: pd.DataFrame, selection: dict) -> plt.Figure:
+def probe_figure(metrics: pd.DataFrame, selection: dict) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(6, 4))
     for (task, metric), rows in metrics.groupby(["task", "metric"]):
         axis.plot(rows["layer"], rows["accuracy"], marker="o", label=f"{task} {metric}")

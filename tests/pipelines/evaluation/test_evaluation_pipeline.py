@@ -1,0 +1,106 @@
+"""The ``evaluation`` pipeline on ``smoke``: every method scored on the same cases, a
+metrics table with intervals, the report in both forms, and the notebook that reads them."""
+
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from prefgen_kedro.pipelines.evaluation.nodes import EvaluationParams, summarize_metrics
+
+NOTEBOOK = Path(__file__).resolve().parents[3] / "notebooks" / "benchmark.ipynb"
+METHODS = {
+    "base",
+    "viper_style",
+    "ip_adapter",
+    "mean_clip",
+    "prefgen",
+    "prefgen_no_mmd",
+    "prefgen_no_core",
+    "prefgen_no_sem",
+    "prefgen_no_img",
+}
+
+
+def test_every_method_is_scored_on_the_same_cases(smoke_evaluated):
+    generations = pd.read_csv(smoke_evaluated / "07_model_output" / "generations.csv")
+    assert set(generations["method"]) == METHODS | {"real"}
+    per_method = generations[generations["method"] != "real"].groupby("method")
+    cases = {tuple(map(tuple, g[["user_id", "subject", "seed"]].to_numpy())) for _, g in per_method}
+    assert len(cases) == 1  # same users, subjects and seeds for every method
+    for key in generations["image"]:
+        assert (smoke_evaluated / "07_model_output" / "generations" / f"{key}.png").exists()
+
+    metrics = pd.read_csv(smoke_evaluated / "08_reporting" / "metrics.csv")
+    assert set(metrics.columns) == {"method", "metric", "mean", "ci_low", "ci_high", "n"}
+    expected = {"like_rate", "utility", "judge_p_yes", "clip_i", "clip_score", "fid", "kid"}
+    for method in METHODS | {"real"}:
+        assert expected <= set(metrics.loc[metrics["method"] == method, "metric"])
+    assert (metrics["ci_low"] <= metrics["mean"] + 1e-9).all()
+    assert (metrics["mean"] <= metrics["ci_high"] + 1e-9).all()
+    wins = metrics[metrics["metric"] == "win_rate_of_prefgen"]
+    assert set(wins["method"]) == METHODS - {"prefgen"}
+
+
+def test_the_report_states_its_command_and_is_self_contained(smoke_evaluated):
+    markdown = (smoke_evaluated / "08_reporting" / "benchmark.md").read_text()
+    assert "`kedro run --pipelines evaluation --env smoke`" in markdown
+    assert "## Preference alignment" in markdown and "Verdict:" in markdown
+    for link in re.findall(r"\]\((benchmark/[^)]+)\)", markdown):
+        assert (smoke_evaluated / "08_reporting" / link).exists()
+    page = (smoke_evaluated / "08_reporting" / "benchmark.html").read_text()
+    assert all(s.startswith("data:") for s in re.findall(r'src="([^"]*)"', page))
+    assert "<table>" in page
+
+
+def test_the_notebook_runs_on_the_catalog(smoke_evaluated, smoke_project, monkeypatch):
+    monkeypatch.setenv("PREFGEN_KEDRO_PROJECT", str(smoke_project))
+    monkeypatch.setenv("PREFGEN_KEDRO_ENV", "smoke")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        notebook,
+        timeout=120,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    ).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("grid_" in str(o.get("text", "")) for o in outputs)
+
+
+def test_win_rates_count_users_and_ties():
+    scores = pd.DataFrame(
+        {
+            "method": ["prefgen"] * 3 + ["base"] * 3,
+            "user_id": ["a", "b", "c"] * 2,
+            "utility": [1.0, 0.0, -1.0, 0.0, 0.0, 2.0],
+            "liked": [True, False, False, False, False, True],
+            "subject_correct": [True] * 6,
+            "clip_score": [20.0] * 6,
+            "clip_i": [0.0] * 6,
+            "judge_p_yes": [0.9, 0.2, 0.6, 0.4, 0.4, 0.4],
+        }
+    )
+    params = EvaluationParams(
+        split="test",
+        prompts_per_user=1,
+        seed=0,
+        methods=["base", "prefgen"],
+        reference_method="prefgen",
+        fid_reference_split="val",
+        fid_cache_root="unused",
+        inception_batch_size=1,
+        judge_batch_size=1,
+        bootstrap={"resamples": 100, "set_resamples": 10, "level": 0.95, "seed": 0},
+        grid_users=1,
+    )
+    metrics = summarize_metrics(scores, pd.DataFrame(), params).set_index(["method", "metric"])
+    # per user: a wins, b ties, c loses
+    assert metrics.loc[("base", "win_rate_of_prefgen"), "mean"] == pytest.approx(0.5)
+    assert metrics.loc[("prefgen", "like_rate"), "mean"] == pytest.approx(1 / 3)
+    # judge > 0.5 agrees with the oracle's verdict on a (yes/liked) and b (no/not liked)
+    assert metrics.loc[("prefgen", "judge_oracle_agreement"), "mean"] == pytest.approx(2 / 3)
+    assert metrics.loc[("base", "judge_oracle_agreement"), "mean"] == pytest.approx(2 / 3)
