@@ -4,6 +4,7 @@ import torch
 from prefgen_kedro.models.probes import (
     fit_linear_probe,
     layerwise_accuracy,
+    mean_auc,
     select_layers,
     top_k_accuracy,
 )
@@ -43,3 +44,22 @@ def test_select_layers_takes_the_top_and_the_inter_user_peak():
     assert select_layers(accuracy, core_search_from=0.5)["e_core"] == [4, 5, 6]
     with pytest.raises(ValueError, match="within the 8 layers"):
         select_layers(accuracy, semantic_top=9)
+
+
+def test_multilabel_probe_and_auc_recover_planted_columns():
+    generator = torch.Generator().manual_seed(0)
+    targets = (torch.rand(400, 3, generator=generator) < 0.3).float()
+    # columns 0 and 1 are written into the features, column 2 is not
+    features = torch.cat([targets[:, :2] * 2.0, torch.zeros(400, 1)], dim=1)
+    features = features + 0.5 * torch.randn(400, 3, generator=generator)
+    probe = fit_linear_probe(features[:300], targets[:300], 3, seed=1)
+    scores = probe.logits(features[300:])
+    assert mean_auc(scores[:, :2], targets[300:, :2]) > 0.95
+    assert abs(mean_auc(scores[:, 2:], targets[300:, 2:]) - 0.5) < 0.15
+    # ties count half; a column with one class is skipped
+    assert (
+        mean_auc(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [0.0, 1.0]]))
+        == 0.5
+    )
+    with pytest.raises(ValueError, match="both"):
+        mean_auc(torch.ones(2, 1), torch.ones(2, 1))

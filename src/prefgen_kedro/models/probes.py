@@ -39,7 +39,11 @@ def fit_linear_probe(
     weight_decay: float = 1e-3,
     seed: int = 0,
 ) -> LinearProbe:
-    """Full-batch AdamW on cross-entropy; reproducible for a seed (own generator)."""
+    """Full-batch AdamW; reproducible for a seed (own generator). ``labels`` are class
+    indices (N,) for a softmax probe, or a multi-hot float (N, n_classes) for a multi-label
+    probe (one logistic regression per column)."""
+    multilabel = labels.is_floating_point()
+    loss = F.binary_cross_entropy_with_logits if multilabel else F.cross_entropy
     features = features.float()
     mean = features.mean(dim=0)
     std = features.std(dim=0).clamp_min(1e-6)
@@ -53,9 +57,25 @@ def fit_linear_probe(
     optimizer = torch.optim.AdamW(linear.parameters(), lr=learning_rate, weight_decay=weight_decay)
     for _ in range(steps):
         optimizer.zero_grad()
-        F.cross_entropy(linear(standardised), labels).backward()
+        loss(linear(standardised), labels).backward()
         optimizer.step()
     return LinearProbe(mean, std, linear)
+
+
+def mean_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """ROC AUC of each column's ``scores`` for its 0/1 ``targets`` (the chance that a
+    positive row outscores a negative one, ties half), averaged over the columns that have
+    both classes; 0.5 is chance."""
+    aucs = []
+    for column in range(targets.shape[1]):
+        positive = scores[targets[:, column] > 0.5, column]
+        negative = scores[targets[:, column] <= 0.5, column]
+        if len(positive) and len(negative):
+            difference = positive[:, None] - negative[None, :]
+            aucs.append(((difference > 0).float() + 0.5 * (difference == 0).float()).mean())
+    if not aucs:
+        raise ValueError("no column has both positive and negative rows")
+    return float(torch.stack(aucs).mean())
 
 
 def top_k_accuracy(probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor, k: int = 1):

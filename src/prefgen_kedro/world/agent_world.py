@@ -159,6 +159,12 @@ def user_from_row(row: Mapping) -> SimulatedUser:
     )
 
 
+def tastes_are_known(users: pd.DataFrame) -> bool:
+    """Whether ``users`` are simulated (their weighted attributes known, as the oracle
+    metrics need), not real people (Pick-a-Pic users have no attributes)."""
+    return "liked_weights" in users.columns and bool(users["liked_attributes"].map(len).gt(0).all())
+
+
 def simulated_users(users: pd.DataFrame, user_ids: Iterable[str]) -> list[SimulatedUser]:
     """The simulated user behind each id of ``user_ids``, in order, from the users table."""
     by_user = users.set_index("user_id")

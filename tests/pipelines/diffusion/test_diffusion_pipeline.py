@@ -4,6 +4,7 @@ trained and scored, the branch/bare step ratio measured."""
 import json
 
 import pandas as pd
+import pytest
 
 from prefgen_kedro.models.user_adapter import UserBranches
 
@@ -14,7 +15,13 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
     conditions = pd.read_parquet(data / "05_model_input" / "user_conditions.parquet")
     users = pd.read_parquet(data / "02_intermediate" / "users.parquet")
     assert set(conditions["user_id"]) == set(users["user_id"])
-    assert {"e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip"} <= set(conditions)
+    parts = {"e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_taste"}
+    assert parts <= set(conditions)
+    taste = conditions.set_index("user_id")["true_taste"]
+    user = users.iloc[0]
+    assert taste[user["user_id"]].iloc[0].sum() == pytest.approx(
+        sum(user["liked_weights"]) - sum(user["disliked_weights"])
+    )
 
     branches = UserBranches.from_pretrained(data / "06_models" / "user_branches")
     expected = {
@@ -25,6 +32,7 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
         "prefgen_no_img",
         "ip_adapter",
         "mean_clip",
+        "oracle_taste",
     }
     assert set(branches.adapters) == expected
     assert branches.adapters["ip_adapter"].part_names == ["e_img"]

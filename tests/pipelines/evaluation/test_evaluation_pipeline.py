@@ -1,6 +1,7 @@
 """The ``evaluation`` pipeline on ``smoke``: every method scored on the same cases, a
 metrics table with intervals, the report in both forms, and the notebook that reads them."""
 
+import json
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ METHODS = {
     "prefgen_no_core",
     "prefgen_no_sem",
     "prefgen_no_img",
+    "oracle_taste",
 }
 
 
@@ -45,10 +47,28 @@ def test_every_method_is_scored_on_the_same_cases(smoke_evaluated):
     assert set(wins["method"]) == METHODS - {"prefgen"}
 
 
+def test_the_taste_audit_covers_every_condition_part(smoke_evaluated):
+    audit = json.loads((smoke_evaluated / "08_reporting" / "taste_signal_audit.json").read_text())
+    assert set(audit["auc"]) == {
+        "counting_rule",
+        "mean_clip",
+        "e_img",
+        "e_core",
+        "e_sem_hat",
+        "e_sem_hat_no_mmd",
+    }
+    assert all(0.0 <= auc <= 1.0 for auc in audit["auc"].values())
+    assert audit["split"] == "test" and audit["users"] > 0
+
+
 def test_the_report_states_its_command_and_is_self_contained(smoke_evaluated):
     markdown = (smoke_evaluated / "08_reporting" / "benchmark.md").read_text()
     assert "`kedro run --pipelines evaluation --env smoke`" in markdown
     assert "## Preference alignment" in markdown and "Verdict:" in markdown
+    assert "## Where the time went" in markdown and "| generate_images |" in markdown
+    timings = json.loads((smoke_evaluated / "08_reporting" / "timings.json").read_text())
+    assert [n["node"] for n in timings["nodes"]][-1] == "write_benchmark_report"
+    assert all(n["seconds"] >= 0 and n["peak_rss_gb"] > 0 for n in timings["nodes"])
     for link in re.findall(r"\]\((benchmark/[^)]+)\)", markdown):
         assert (smoke_evaluated / "08_reporting" / link).exists()
     page = (smoke_evaluated / "08_reporting" / "benchmark.html").read_text()
@@ -89,8 +109,10 @@ def test_win_rates_count_users_and_ties():
         prompts_per_user=1,
         seed=0,
         methods=["base", "prefgen"],
+        references=[],
         reference_method="prefgen",
         fid_reference_split="val",
+        fid_reference_size=2,
         fid_cache_root="unused",
         inception_batch_size=1,
         judge_batch_size=1,

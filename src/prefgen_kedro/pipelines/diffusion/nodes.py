@@ -49,10 +49,13 @@ from prefgen_kedro.models.user_generation import (
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
 from prefgen_kedro.training import TrainConfig, train
-from prefgen_kedro.world.agent_world import simulated_users
-from prefgen_kedro.world.vocabulary import subject_prompt
+from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, subject_prompt
 
-PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip")
+PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_taste")
+# The simulated user's true attribute weights: a diagnostic upper bound for the branch
+# recipe (what it makes of perfect information), agent world only, never a method.
+TRUE_TASTE = "true_taste"
 
 
 class UserSamplingParams(StrictParams):
@@ -97,13 +100,18 @@ def make_user_conditions(
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
     raw_images: Mapping[str, Callable],
+    users: pd.DataFrame,
     params: DiffusionParams,
 ) -> pd.DataFrame:
     """Every part of every user's condition, for each of its contexts (context 0 is the
-    canonical one the evaluation uses)."""
-    unknown = {part for parts in params.variants.values() for part in parts} - set(PARTS)
+    canonical one the evaluation uses); in the agent world also ``true_taste``."""
+    wanted = {part for parts in params.variants.values() for part in parts}
+    unknown = wanted - set(PARTS)
     if unknown:
         raise ValueError(f"diffusion.variants name unknown parts {sorted(unknown)}; known: {PARTS}")
+    agent_world = tastes_are_known(users)
+    if TRUE_TASTE in wanted and not agent_world:
+        raise ValueError(f"diffusion.variants name {TRUE_TASTE!r}, which only simulated users have")
     pictures = load_pictures(raw_images)
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
     merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
@@ -113,7 +121,7 @@ def make_user_conditions(
     liked_embeddings = [
         encode_images(np.stack([pictures[i] for i in ids])) for ids in merged["liked"]
     ]
-    return merged.drop(columns=["e_sem"]).assign(
+    conditions = merged.drop(columns=["e_sem"]).assign(
         e_sem_hat=list(e_sem_hat.numpy()),
         e_sem_hat_no_mmd=list(e_sem_hat_no_mmd.numpy()),
         e_img=[choose_image_embedding(e, params.e_img).numpy() for e in liked_embeddings],
@@ -121,6 +129,23 @@ def make_user_conditions(
             torch.nn.functional.normalize(e.mean(0), dim=0).numpy() for e in liked_embeddings
         ],
     )
+    if agent_world:
+        tastes = {row.user_id: _taste_vector(row) for row in users.itertuples(index=False)}
+        conditions[TRUE_TASTE] = [tastes[user_id] for user_id in conditions["user_id"]]
+    return conditions
+
+
+def _taste_vector(user) -> np.ndarray:
+    """+weight at each liked attribute, −weight at each disliked one (ATTRIBUTE_IDS order)."""
+    vector = np.zeros(len(ATTRIBUTE_IDS), dtype=np.float32)
+    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    for attributes, weights, sign in (
+        (user.liked_attributes, user.liked_weights, 1.0),
+        (user.disliked_attributes, user.disliked_weights, -1.0),
+    ):
+        for attribute_id, weight in zip(attributes, weights, strict=True):
+            vector[column[attribute_id]] = sign * weight
+    return vector
 
 
 def train_user_branches(
@@ -291,7 +316,11 @@ def _training_set(
     return TensorDictDataset(
         pixel_values=to_diffusion_pixels(np.stack([pictures[i] for i in targets])),
         prompt_embeds=text[[subjects.index(subject[i]) for i in targets]],
-        **{part: torch.from_numpy(np.stack(chosen[part].to_list())).float() for part in PARTS},
+        **{
+            part: torch.from_numpy(np.stack(chosen[part].to_list())).float()
+            for part in PARTS
+            if part in chosen
+        },
     )
 
 

@@ -18,6 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "conditioning_clip",
                     "clip_tokenizer",
                     "raw_images",
+                    "users",
                     "params:diffusion",
                 ],
                 "user_conditions",

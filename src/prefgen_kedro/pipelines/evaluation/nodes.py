@@ -31,6 +31,7 @@ from prefgen_kedro.models.metrics import (
     per_user_wins,
 )
 from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.models.probes import fit_linear_probe, mean_auc
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.models.user_generation import (
     draw_subject_prompts,
@@ -42,8 +43,8 @@ from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
 from prefgen_kedro.pipelines.probing.nodes import probe_figure
 from prefgen_kedro.report import Report, labelled_rows, metric_table
-from prefgen_kedro.world.agent_world import simulated_users
-from prefgen_kedro.world.vocabulary import subject_prompt
+from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, subject_prompt
 
 REAL = "real"
 
@@ -60,8 +61,10 @@ class EvaluationParams(StrictParams):
     prompts_per_user: int = Field(ge=1)
     seed: int
     methods: list[str]
+    references: list[str]  # rows shown for scale, never ranked (e.g. oracle_taste)
     reference_method: str  # the method whose per-user win-rate over the others is reported
     fid_reference_split: str
+    fid_reference_size: int = Field(ge=2)  # renders drawn (with ``seed``) from that split
     fid_cache_root: str
     inception_batch_size: int = Field(ge=1)
     judge_batch_size: int = Field(ge=1)
@@ -200,7 +203,7 @@ def score_generations(
             [contexts[u] for u in generations["user_id"]], list(pixels)
         ).numpy(),
     )
-    if not _is_agent_world(users):
+    if not tastes_are_known(users):
         return scores
     oracle = oracle_preference(
         attribute_oracle.float().eval(),
@@ -222,14 +225,17 @@ def fidelity_metrics(
     """FID and KID of each method against every render of the ``fid_reference_split``
     users (never test users), with bootstrap intervals over test users."""
     reference_users = set(users.loc[users["split"] == params.fid_reference_split, "user_id"])
-    reference_ids = sorted(
+    available = sorted(
         set(interactions.loc[interactions["user_id"].isin(reference_users), "image_id"])
     )
-    if len(reference_ids) < 2:
+    if len(available) < params.fid_reference_size:
         raise ValueError(
-            f"evaluation.fid_reference_split={params.fid_reference_split!r} gives "
-            f"{len(reference_ids)} reference images; FID needs at least 2"
+            f"evaluation.fid_reference_split={params.fid_reference_split!r} has "
+            f"{len(available)} renders; fid_reference_size={params.fid_reference_size} "
+            "needs that many"
         )
+    rng = np.random.default_rng(params.seed)
+    reference_ids = sorted(rng.choice(available, params.fid_reference_size, replace=False))
     pictures = load_pictures({i: raw_images[i] for i in reference_ids})
     reference = np.stack([pictures[i] for i in reference_ids])
     reference_features = inception_features(
@@ -321,11 +327,6 @@ def _ci(values, params: EvaluationParams) -> dict[str, float]:
     )
 
 
-def _is_agent_world(users: pd.DataFrame) -> bool:
-    """Only simulated users carry their true taste, which the oracle metrics need."""
-    return "liked_attributes" in users.columns
-
-
 def _pictures_of(generations: pd.DataFrame, generated_images: Mapping[str, Callable]) -> np.ndarray:
     """The ``generations`` images in table order, uint8 (N, H, W, 3)."""
     missing = sorted(set(generations["image"]) - set(generated_images))
@@ -358,6 +359,7 @@ def write_benchmark_report(
     generated_images: Mapping[str, Callable],
     evaluation_cases: pd.DataFrame,
     generation_report: dict,
+    taste_signal_audit: dict,
     probe_metrics: pd.DataFrame,
     layer_selection: dict,
     alignment_metrics: dict,
@@ -369,9 +371,10 @@ def write_benchmark_report(
     """``benchmark.md``, the self-contained ``benchmark.html`` and the figures the Markdown
     links (``benchmark/<name>.png``)."""
     ours = params.reference_method
-    methods = [m for m in (REAL, *BASELINES, ours) if m in set(metrics["method"])]
+    present = set(metrics["method"])
+    methods = [m for m in (REAL, *BASELINES, ours, *params.references) if m in present]
     ablations = [m for m in metrics["method"].unique() if m.startswith(f"{ours}_")]
-    contenders = [m for m in methods if m != REAL]
+    contenders = [m for m in methods if m not in (REAL, *params.references)]
     n_users = evaluation_cases["user_id"].nunique()
     report = Report("PrefGen benchmark")
     report.paragraph(
@@ -387,10 +390,13 @@ def write_benchmark_report(
         f"autocast. Brackets: {params.bootstrap.level:.0%} percentile bootstrap over users "
         f"({params.bootstrap.resamples} resamples; FID/KID {params.bootstrap.set_resamples}, "
         f"bootstrap seed {params.bootstrap.seed}). FID/KID: standard FID Inception, against "
-        f"every render of the `{params.fid_reference_split}` users; with this few images FID "
+        f"{params.fid_reference_size} renders of the `{params.fid_reference_split}` users; "
+        "with this few images FID "
         "carries a large small-sample bias, so compare methods with each other, not with "
         "published FIDs. `real` is each user's own held-out liked renders: a ceiling for the "
-        "preference columns, not a method. Bold: best among methods."
+        "preference columns, not a method; `oracle_taste` is the user branch fed the "
+        "simulated user's true attribute weights: what the branch recipe makes of perfect "
+        "information, not a method either. Bold: best among methods."
     )
     report.heading("Preference alignment")
     report.table(*metric_table(metrics, methods, PREFERENCE_COLUMNS, contenders))
@@ -400,7 +406,7 @@ def write_benchmark_report(
     win = f"win_rate_of_{ours}"
     if win in set(metrics["metric"]):
         report.heading(f"Per-user win-rate of `{ours}`")
-        others = [m for m in (*BASELINES, *ablations) if m in set(metrics["method"])]
+        others = [m for m in (*BASELINES, *ablations, *params.references) if m in present]
         report.table(*metric_table(metrics, others, {win: (f"{ours} wins %", True, 100)}, []))
     if ablations:
         report.heading("Ablations")
@@ -416,6 +422,22 @@ def write_benchmark_report(
         report.table(*metric_table(metrics, methods + ablations, agreement, []))
     report.figure("bars", _bar_figure(metrics, [*methods, *ablations]), "Means with 95 % CIs.")
     report.heading("Where the signal comes from")
+    if taste_signal_audit:
+        report.paragraph(
+            "How much of each test user's taste survives each stage: a multi-label linear "
+            "probe reads the user's liked attributes from one context's vector (trained on "
+            "training users), mean ROC AUC over attributes (0.5: nothing). The counting "
+            "rule scores attributes by their count in the liked minus the disliked context "
+            "(the ground truth the context shows: the ceiling). `mean_clip` and `e_img` are "
+            "CLIP image embeddings; `e_core`, `e_sem_hat` (MMD) and `e_sem_hat_no_mmd` (MSE) "
+            "come from the MLLM's hidden states."
+        )
+        report.table(
+            pd.DataFrame(
+                {"taste AUC": [f"{v:.3f}" for v in taste_signal_audit["auc"].values()]},
+                index=list(taste_signal_audit["auc"]),
+            )
+        )
     report.figure(
         "probe_accuracy_by_layer",
         probe_figure(probe_metrics, layer_selection),
@@ -441,6 +463,23 @@ def write_benchmark_report(
             "the prompts "
             + ", ".join(evaluation_cases.loc[evaluation_cases["user_id"] == user_id, "subject"])
             + " (same seeds; `real` shows held-out liked renders).",
+        )
+    if run_info.get("nodes"):
+        report.heading("Where the time went")
+        nodes = pd.DataFrame(run_info["nodes"]).set_index("node")
+        report.paragraph(
+            f"Wall time and peak resident memory of every node this run finished before the "
+            f"report ({nodes['seconds'].sum():.0f} s in all, this machine); the whole run's "
+            "table is `data/08_reporting/timings.json`."
+        )
+        report.table(
+            pd.DataFrame(
+                {
+                    "seconds": nodes["seconds"].map("{:.1f}".format),
+                    "peak RSS GB": nodes["peak_rss_gb"].map("{:.2f}".format),
+                },
+                index=nodes.index,
+            )
         )
     return report.to_markdown("benchmark"), report.to_html(), report.figures
 
@@ -519,3 +558,57 @@ def _user_grid(user_id, generations, generated_images, evaluation_cases, raw_ima
     for method, table in mine.groupby("method", sort=False):
         rows.append((method, list(_pictures_of(table, generated_images))))
     return labelled_rows(rows)
+
+
+def audit_taste_signal(
+    user_conditions: pd.DataFrame,
+    users: pd.DataFrame,
+    images: pd.DataFrame,
+    params: EvaluationParams,
+) -> dict:
+    """How much of each user's taste every stage's output still carries: for each source,
+    a multi-label linear probe predicts the user's liked attributes from one context's
+    vector (trained on training users' contexts, tested on ``split`` users' contexts) and
+    its mean ROC AUC is reported (0.5: nothing). The counting rule on the context images'
+    true attributes is the ceiling the context allows. Agent world only (real users have
+    no known attributes): elsewhere an empty audit."""
+    if not tastes_are_known(users):
+        return {}
+    columns = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    liked = users.set_index("user_id")["liked_attributes"]
+    image_attributes = images.set_index("image_id")["attributes"]
+
+    def taste(rows: pd.DataFrame) -> torch.Tensor:
+        targets = torch.zeros(len(rows), len(columns))
+        for r, user_id in enumerate(rows["user_id"]):
+            targets[r, [columns[a] for a in liked[user_id]]] = 1.0
+        return targets
+
+    def counting_rule(rows: pd.DataFrame) -> torch.Tensor:
+        counts = torch.zeros(len(rows), len(columns))
+        for r, (liked_ids, disliked_ids) in enumerate(
+            zip(rows["liked"], rows["disliked"], strict=True)
+        ):
+            for sign, ids in ((1.0, liked_ids), (-1.0, disliked_ids)):
+                for image_id in ids:
+                    counts[r, [columns[a] for a in image_attributes[image_id]]] += sign
+        return counts
+
+    train = user_conditions[user_conditions["split"] == "train"]
+    test = user_conditions[user_conditions["split"] == params.split]
+    audit = {
+        "split": params.split,
+        "users": int(test["user_id"].nunique()),
+        "contexts": len(test),
+        "auc": {"counting_rule": mean_auc(counting_rule(test), taste(test))},
+    }
+    for part in ("mean_clip", "e_img", "e_core", "e_sem_hat", "e_sem_hat_no_mmd"):
+        probe = fit_linear_probe(
+            torch.from_numpy(np.stack(train[part].to_list())).float(),
+            taste(train),
+            len(columns),
+            seed=params.seed,
+        )
+        scores = probe.logits(torch.from_numpy(np.stack(test[part].to_list())).float())
+        audit["auc"][part] = mean_auc(scores, taste(test))
+    return audit

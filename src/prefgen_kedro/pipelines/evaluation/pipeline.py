@@ -3,6 +3,7 @@
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
+    audit_taste_signal,
     fidelity_metrics,
     generate_images,
     make_evaluation_cases,
@@ -78,6 +79,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="summarize_metrics",
             ),
             Node(
+                audit_taste_signal,
+                ["user_conditions", "users", "images", "params:evaluation"],
+                "taste_signal_audit",
+                name="audit_taste_signal",
+            ),
+            Node(
                 write_benchmark_report,
                 [
                     "metrics",
@@ -85,6 +92,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "generated_images",
                     "evaluation_cases",
                     "generation_report",
+                    "taste_signal_audit",
                     "probe_metrics",
                     "layer_selection",
                     "alignment_metrics",
