@@ -18,6 +18,7 @@ from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.diffusion import DiffusionLoss, build_noise_scheduler, build_unet
 from prefgen_kedro.models.user_adapter import (
     UserAdapter,
+    UserBranches,
     UserConditionedUnet,
     choose_image_embedding,
     install_user_adapter,
@@ -59,6 +60,24 @@ def test_adapter_copies_text_key_values_and_lays_out_tokens_per_part():
     assert tokens.shape == (2, 3 * len(PARTS), 8)
     with pytest.raises(KeyError, match="e_img"):
         adapter.tokens({"e_sem_hat": torch.zeros(2, 8), "e_core": torch.zeros(2, 6)})
+
+
+def test_text_space_parts_are_tokens_as_they_are_and_survive_a_round_trip(tmp_path):
+    unet = tiny_unet()
+    dims = {"e_sem_hat": 16, "e_img": 4}  # e_sem_hat: two text-space tokens of width 8
+    adapter = UserAdapter.for_unet(unet, dims, tokens_per_part=3, text_space_parts=["e_sem_hat"])
+    assert set(adapter.projections) == {"e_img"}
+    given = {"e_sem_hat": torch.randn(2, 16), "e_img": torch.randn(2, 4)}
+    tokens = adapter.tokens(given)
+    assert tokens.shape == (2, 2 + 3, 8)
+    assert torch.equal(tokens[:, :2], given["e_sem_hat"].view(2, 2, 8))
+    UserBranches.of({"prefgen": adapter}).save_pretrained(tmp_path)
+    loaded = UserBranches.from_pretrained(tmp_path).adapters["prefgen"]
+    assert loaded.text_space_parts == ["e_sem_hat"]
+    # the same tokens (their order may differ: attention over them does not depend on it)
+    assert torch.equal(loaded.tokens(given).sort(dim=1).values, tokens.sort(dim=1).values)
+    with pytest.raises(ValueError, match="multiple of the cross-attention width"):
+        UserAdapter.for_unet(unet, {"e_img": 4}, 1, text_space_parts=["e_img"])
 
 
 def test_branch_is_added_to_the_text_attention():

@@ -44,17 +44,30 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
         tokens_per_part: int,
         cross_attention_dim: int,
         attention_dims: dict[str, int],
+        text_space_parts: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not part_dims:
             raise ValueError("a user adapter needs at least one part of e_u")
         self.part_names = list(part_dims)
+        self.part_dims = dict(part_dims)
         self.tokens_per_part = tokens_per_part
         self.cross_attention_dim = cross_attention_dim
+        # Parts already in the text encoder's token space (PrefGen's aligned ê_sem) are fed
+        # as tokens unchanged, so the user key/values, copies of the text ones, read them
+        # like words from the first step; the others get a learned projection.
+        self.text_space_parts = list(text_space_parts or [])
+        for name in self.text_space_parts:
+            if name not in part_dims or part_dims[name] % cross_attention_dim:
+                raise ValueError(
+                    f"text-space part {name!r} must be one of the parts with a width that is a "
+                    f"multiple of the cross-attention width {cross_attention_dim}"
+                )
         self.projections = nn.ModuleDict(
             {
                 name: nn.Linear(dim, tokens_per_part * cross_attention_dim)
                 for name, dim in part_dims.items()
+                if name not in self.text_space_parts
             }
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
@@ -73,7 +86,11 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
 
     @classmethod
     def for_unet(
-        cls, unet: UNet2DConditionModel, part_dims: Mapping[str, int], tokens_per_part: int
+        cls,
+        unet: UNet2DConditionModel,
+        part_dims: Mapping[str, int],
+        tokens_per_part: int,
+        text_space_parts: list[str] | None = None,
     ) -> UserAdapter:
         """An adapter sized for ``unet`` whose user key/values start as copies of the text
         ones, so the branch begins by reading user tokens the way the UNet reads words."""
@@ -83,6 +100,7 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
             tokens_per_part=tokens_per_part,
             cross_attention_dim=unet.config.cross_attention_dim,
             attention_dims={name: layer.to_k.out_features for name, layer in layers.items()},
+            text_space_parts=text_space_parts,
         )
         with torch.no_grad():
             for name, layer in layers.items():
@@ -98,13 +116,20 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
             raise KeyError(
                 f"user parts {sorted(missing)} missing; the adapter needs {self.part_names}"
             )
+        dtype = self.norm.weight.dtype
         tokens = [
-            self.projections[name](parts[name].to(self.norm.weight.dtype)).view(
-                -1, self.tokens_per_part, self.cross_attention_dim
+            parts[name]
+            .to(dtype)
+            .view(-1, self.part_dims[name] // self.cross_attention_dim, self.cross_attention_dim)
+            if name in self.text_space_parts
+            else self.norm(
+                self.projections[name](parts[name].to(dtype)).view(
+                    -1, self.tokens_per_part, self.cross_attention_dim
+                )
             )
             for name in self.part_names
         ]
-        return self.norm(torch.cat(tokens, dim=1))
+        return torch.cat(tokens, dim=1)
 
 
 def null_parts(adapter: UserAdapter, parts: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -246,15 +271,14 @@ class UserBranches(nn.Module, PyTorchModelHubMixin):
         bundle = cls(
             variants={
                 name: {
-                    "part_dims": {
-                        part: adapter.projections[part].in_features for part in adapter.part_names
-                    },
+                    "part_dims": adapter.part_dims,
                     "tokens_per_part": adapter.tokens_per_part,
                     "cross_attention_dim": adapter.cross_attention_dim,
                     "attention_dims": {
                         key.replace(_DOT, "."): layer.out_features
                         for key, layer in adapter.to_k.items()
                     },
+                    "text_space_parts": adapter.text_space_parts,
                 }
                 for name, adapter in adapters.items()
             }

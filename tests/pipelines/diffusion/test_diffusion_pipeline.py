@@ -4,7 +4,6 @@ trained and scored, the branch/bare step ratio measured."""
 import json
 
 import pandas as pd
-import pytest
 
 from prefgen_kedro.models.user_adapter import UserBranches
 
@@ -15,13 +14,12 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
     conditions = pd.read_parquet(data / "05_model_input" / "user_conditions.parquet")
     users = pd.read_parquet(data / "02_intermediate" / "users.parquet")
     assert set(conditions["user_id"]) == set(users["user_id"])
-    parts = {"e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_taste"}
+    parts = {"e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_sem"}
     assert parts <= set(conditions)
-    taste = conditions.set_index("user_id")["true_taste"]
-    user = users.iloc[0]
-    assert taste[user["user_id"]].iloc[0].sum() == pytest.approx(
-        sum(user["liked_weights"]) - sum(user["disliked_weights"])
-    )
+    # a perfect ê_sem: one text-space state (e_sem_hat's width) per liked attribute
+    row = conditions.iloc[0]
+    liked = users.set_index("user_id").loc[row["user_id"], "liked_attributes"]
+    assert len(row["true_sem"]) == len(liked) * len(row["e_sem_hat"])
 
     branches = UserBranches.from_pretrained(data / "06_models" / "user_branches")
     expected = {

@@ -24,7 +24,7 @@ from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from prefgen_kedro.data.tables import LIKED
-from prefgen_kedro.models.alignment import AlignmentMlp
+from prefgen_kedro.models.alignment import AlignmentMlp, text_embeddings
 from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
@@ -50,12 +50,13 @@ from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, subject_prompt
+from prefgen_kedro.world.vocabulary import attribute, subject_prompt
 
-PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_taste")
-# The simulated user's true attribute weights: a diagnostic upper bound for the branch
-# recipe (what it makes of perfect information), agent world only, never a method.
-TRUE_TASTE = "true_taste"
+PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_sem")
+# A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
+# (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
+# only, never a method.
+TRUE_SEM = "true_sem"
 
 
 class UserSamplingParams(StrictParams):
@@ -82,6 +83,7 @@ class DiffusionParams(StrictParams):
     checkpoint_root: str
     variants: dict[str, list[str]]
     tokens_per_part: int = Field(ge=1)
+    text_space_parts: list[str]  # fed as tokens unchanged (see UserAdapter)
     e_img: str
     caption_dropout: float = Field(ge=0.0, le=1.0)
     user_dropout: float = Field(ge=0.0, le=1.0)
@@ -104,14 +106,14 @@ def make_user_conditions(
     params: DiffusionParams,
 ) -> pd.DataFrame:
     """Every part of every user's condition, for each of its contexts (context 0 is the
-    canonical one the evaluation uses); in the agent world also ``true_taste``."""
+    canonical one the evaluation uses); in the agent world also ``true_sem``."""
     wanted = {part for parts in params.variants.values() for part in parts}
     unknown = wanted - set(PARTS)
     if unknown:
         raise ValueError(f"diffusion.variants name unknown parts {sorted(unknown)}; known: {PARTS}")
     agent_world = tastes_are_known(users)
-    if TRUE_TASTE in wanted and not agent_world:
-        raise ValueError(f"diffusion.variants name {TRUE_TASTE!r}, which only simulated users have")
+    if TRUE_SEM in wanted and not agent_world:
+        raise ValueError(f"diffusion.variants name {TRUE_SEM!r}, which only simulated users have")
     pictures = load_pictures(raw_images)
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
     merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
@@ -130,22 +132,27 @@ def make_user_conditions(
         ],
     )
     if agent_world:
-        tastes = {row.user_id: _taste_vector(row) for row in users.itertuples(index=False)}
-        conditions[TRUE_TASTE] = [tastes[user_id] for user_id in conditions["user_id"]]
+        conditions[TRUE_SEM] = _liked_phrase_states(users, conditioning_clip, clip_tokenizer)[
+            conditions["user_id"]
+        ].to_list()
     return conditions
 
 
-def _taste_vector(user) -> np.ndarray:
-    """+weight at each liked attribute, −weight at each disliked one (ATTRIBUTE_IDS order)."""
-    vector = np.zeros(len(ATTRIBUTE_IDS), dtype=np.float32)
-    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
-    for attributes, weights, sign in (
-        (user.liked_attributes, user.liked_weights, 1.0),
-        (user.disliked_attributes, user.disliked_weights, -1.0),
-    ):
-        for attribute_id, weight in zip(attributes, weights, strict=True):
-            vector[column[attribute_id]] = sign * weight
-    return vector
+def _liked_phrase_states(
+    users: pd.DataFrame, conditioning_clip: CLIPModel, clip_tokenizer: PreTrainedTokenizerBase
+) -> pd.Series:
+    """Per user, the text-space states of its liked-attribute phrases, concatenated."""
+    counts = set(users["liked_attributes"].map(len))
+    if len(counts) != 1:
+        raise ValueError(f"true_sem needs every user to like as many attributes; got {counts}")
+    with torch.inference_mode():
+        states = [
+            text_embeddings(conditioning_clip, clip_tokenizer, [attribute(a).phrase for a in liked])
+            .flatten()
+            .numpy()
+            for liked in users["liked_attributes"]
+        ]
+    return pd.Series(states, index=users["user_id"])
 
 
 def train_user_branches(
@@ -169,8 +176,12 @@ def train_user_branches(
     adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
     for name, parts in params.variants.items():
         torch.manual_seed(params.train.seed)
+        text_space = [part for part in parts if part in params.text_space_parts]
         adapter = UserAdapter.for_unet(
-            unet, {part: dataset.tensors[part].shape[1] for part in parts}, params.tokens_per_part
+            unet,
+            {part: dataset.tensors[part].shape[1] for part in parts},
+            params.tokens_per_part,
+            text_space,
         )
         result = train(
             UserConditionedUnet(unet, adapter),
@@ -188,7 +199,8 @@ def train_user_branches(
             name=f"user_branch_{name}",
             fingerprint=f"{parts} tokens={params.tokens_per_part} samples={len(dataset)} "
             f"dropout={params.caption_dropout},{params.user_dropout} snr={params.snr_gamma} "
-            f"first={dataset.tensors[parts[0]][0, :4].tolist()}",
+            f"first={dataset.tensors[parts[0]][0, :4].tolist()}"
+            + (f" text_space={text_space}" if text_space else ""),
             trainable_parameters=list(adapter.parameters()),
         )
         adapters[name] = adapter.eval()

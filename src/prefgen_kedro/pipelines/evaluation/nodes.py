@@ -394,9 +394,10 @@ def write_benchmark_report(
         "with this few images FID "
         "carries a large small-sample bias, so compare methods with each other, not with "
         "published FIDs. `real` is each user's own held-out liked renders: a ceiling for the "
-        "preference columns, not a method; `oracle_taste` is the user branch fed the "
-        "simulated user's true attribute weights: what the branch recipe makes of perfect "
-        "information, not a method either. Bold: best among methods."
+        "preference columns, not a method; `oracle_taste` is the user branch fed a perfect "
+        "ê_sem (the text-space states of the simulated user's liked-attribute phrases): what "
+        "the branch makes of perfect information, not a method either. Bold: best among "
+        "methods."
     )
     report.heading("Preference alignment")
     report.table(*metric_table(metrics, methods, PREFERENCE_COLUMNS, contenders))
