@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS, gaussian_mmd2
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute
 
 Objective = Literal["mmd", "mse"]
 
@@ -58,6 +59,15 @@ def text_embeddings(
     """The text tower's pooled output (EOS token, final layer norm) for each text: (N, D)."""
     tokens = tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt")
     return clip.text_model(input_ids=tokens.input_ids).pooler_output.float()
+
+
+def attribute_phrase_embeddings(
+    clip: CLIPModel, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[str], torch.Tensor]:
+    """Every attribute's phrase (``ATTRIBUTE_IDS`` order) and its text-space state: the
+    vocabulary ê_sem is aligned to in the agent world."""
+    phrases = [attribute(a).phrase for a in ATTRIBUTE_IDS]
+    return phrases, text_embeddings(clip, tokenizer, phrases)
 
 
 class UserSetsDataset(Dataset):

@@ -22,6 +22,7 @@ from prefgen_kedro.models.alignment import (
     Objective,
     UserSetsDataset,
     alignment_loss,
+    attribute_phrase_embeddings,
     attribute_retrieval,
     mean_pairwise_cosine_distance,
     set_mmd2,
@@ -29,7 +30,8 @@ from prefgen_kedro.models.alignment import (
 )
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.training import TrainConfig, train
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute
+from prefgen_kedro.world.agent_world import tastes_are_known
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 VARIANTS: dict[str, Objective] = {"prefgen": "mmd", "prefgen_no_mmd": "mse"}
 
@@ -54,9 +56,8 @@ def make_alignment_targets(
     all attribute phrases); Pick-a-Pic: the captions of the user's liked images (vocabulary:
     every caption)."""
     clip = conditioning_clip.float().eval()
-    agent_world = users["liked_attributes"].map(len).gt(0).all()
-    if agent_world:
-        phrases = [attribute(a).phrase for a in ATTRIBUTE_IDS]
+    if tastes_are_known(users):
+        phrases, vocabulary = attribute_phrase_embeddings(clip, clip_tokenizer)
         column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
         wanted = {
             row.user_id: [column[a] for a in row.liked_attributes]
@@ -72,7 +73,7 @@ def make_alignment_targets(
         wanted = {
             user_id: [column[c] for c in by_user.get(user_id, [])] for user_id in users["user_id"]
         }
-    vocabulary = text_embeddings(clip, clip_tokenizer, phrases)
+        vocabulary = text_embeddings(clip, clip_tokenizer, phrases)
     return {
         "phrases": phrases,
         "vocabulary": vocabulary,

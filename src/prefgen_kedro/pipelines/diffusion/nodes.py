@@ -24,7 +24,7 @@ from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from prefgen_kedro.data.tables import LIKED
-from prefgen_kedro.models.alignment import AlignmentMlp, text_embeddings
+from prefgen_kedro.models.alignment import AlignmentMlp, attribute_phrase_embeddings
 from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
@@ -50,7 +50,7 @@ from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
-from prefgen_kedro.world.vocabulary import attribute, subject_prompt
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, subject_prompt
 
 PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_sem")
 # A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
@@ -141,17 +141,18 @@ def make_user_conditions(
 def _liked_phrase_states(
     users: pd.DataFrame, conditioning_clip: CLIPModel, clip_tokenizer: PreTrainedTokenizerBase
 ) -> pd.Series:
-    """Per user, the text-space states of its liked-attribute phrases, concatenated."""
+    """Per user, the text-space states of its liked-attribute phrases (the alignment
+    targets), concatenated."""
     counts = set(users["liked_attributes"].map(len))
     if len(counts) != 1:
         raise ValueError(f"true_sem needs every user to like as many attributes; got {counts}")
     with torch.inference_mode():
-        states = [
-            text_embeddings(conditioning_clip, clip_tokenizer, [attribute(a).phrase for a in liked])
-            .flatten()
-            .numpy()
-            for liked in users["liked_attributes"]
-        ]
+        _, vocabulary = attribute_phrase_embeddings(conditioning_clip, clip_tokenizer)
+    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    states = [
+        vocabulary[[column[a] for a in liked]].flatten().numpy()
+        for liked in users["liked_attributes"]
+    ]
     return pd.Series(states, index=users["user_id"])
 
 

@@ -38,6 +38,7 @@ from prefgen_kedro.models.user_generation import (
     oracle_preference,
     sample_methods,
 )
+from prefgen_kedro.models.vqa import counting_rule_score
 from prefgen_kedro.pipelines.diffusion.nodes import DiffusionParams, preference_reader
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
@@ -87,7 +88,8 @@ def make_evaluation_cases(
     liked = interactions[interactions["label"] == LIKED].groupby("user_id")["image_id"].apply(list)
     real = []
     for user_id, row in canonical.iterrows():
-        held_out = [i for i in liked.get(user_id, []) if i not in set(row["liked"])]
+        in_context = set(row["liked"])
+        held_out = [i for i in liked.get(user_id, []) if i not in in_context]
         if len(held_out) < params.prompts_per_user:
             raise ValueError(
                 f"user {user_id} has {len(held_out)} liked images outside its context; "
@@ -222,8 +224,9 @@ def fidelity_metrics(
     raw_images: Mapping[str, Callable],
     params: EvaluationParams,
 ) -> pd.DataFrame:
-    """FID and KID of each method against every render of the ``fid_reference_split``
-    users (never test users), with bootstrap intervals over test users."""
+    """FID and KID of each method against ``fid_reference_size`` renders of the
+    ``fid_reference_split`` users (never test users), with bootstrap intervals over test
+    users."""
     reference_users = set(users.loc[users["split"] == params.fid_reference_split, "user_id"])
     available = sorted(
         set(interactions.loc[interactions["user_id"].isin(reference_users), "image_id"])
@@ -389,15 +392,21 @@ def write_benchmark_report(
         f"{diffusion.sampling.user_guidance_scale}, {diffusion.sampling.mixed_precision} "
         f"autocast. Brackets: {params.bootstrap.level:.0%} percentile bootstrap over users "
         f"({params.bootstrap.resamples} resamples; FID/KID {params.bootstrap.set_resamples}, "
+        "moved by the bootstrap's bias estimate; "
         f"bootstrap seed {params.bootstrap.seed}). FID/KID: standard FID Inception, against "
         f"{params.fid_reference_size} renders of the `{params.fid_reference_split}` users; "
         "with this few images FID "
         "carries a large small-sample bias, so compare methods with each other, not with "
         "published FIDs. `real` is each user's own held-out liked renders: a ceiling for the "
-        "preference columns, not a method; `oracle_taste` is the user branch fed a perfect "
-        "ê_sem (the text-space states of the simulated user's liked-attribute phrases): what "
-        "the branch makes of perfect information, not a method either. Bold: best among "
-        "methods."
+        "preference columns, not a method."
+        + (
+            " `oracle_taste` is the user branch fed a perfect ê_sem (the text-space states of "
+            "the simulated user's liked-attribute phrases): what the branch makes of perfect "
+            "information, not a method either."
+            if "oracle_taste" in present
+            else ""
+        )
+        + " Bold: best among methods."
     )
     report.heading("Preference alignment")
     report.table(*metric_table(metrics, methods, PREFERENCE_COLUMNS, contenders))
@@ -577,7 +586,7 @@ def audit_taste_signal(
         return {}
     columns = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
     liked = users.set_index("user_id")["liked_attributes"]
-    image_attributes = images.set_index("image_id")["attributes"]
+    image_attributes = images.set_index("image_id")["attributes"].map(set)
 
     def taste(rows: pd.DataFrame) -> torch.Tensor:
         targets = torch.zeros(len(rows), len(columns))
@@ -586,14 +595,20 @@ def audit_taste_signal(
         return targets
 
     def counting_rule(rows: pd.DataFrame) -> torch.Tensor:
-        counts = torch.zeros(len(rows), len(columns))
-        for r, (liked_ids, disliked_ids) in enumerate(
-            zip(rows["liked"], rows["disliked"], strict=True)
-        ):
-            for sign, ids in ((1.0, liked_ids), (-1.0, disliked_ids)):
-                for image_id in ids:
-                    counts[r, [columns[a] for a in image_attributes[image_id]]] += sign
-        return counts
+        return torch.tensor(
+            [
+                [
+                    counting_rule_score(
+                        [image_attributes[i] for i in liked_ids],
+                        [image_attributes[i] for i in disliked_ids],
+                        [attribute_id],
+                    )
+                    for attribute_id in columns
+                ]
+                for liked_ids, disliked_ids in zip(rows["liked"], rows["disliked"], strict=True)
+            ],
+            dtype=torch.float32,
+        )
 
     train = user_conditions[user_conditions["split"] == "train"]
     test = user_conditions[user_conditions["split"] == params.split]
