@@ -23,6 +23,9 @@ test: $(STAMP)
 foundation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kedro run --pipeline foundation
 
+benchmarks: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run_all
+
 viz: $(STAMP)
 	$(BIN)/kedro viz build
 

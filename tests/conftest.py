@@ -1,15 +1,28 @@
-"""Shared fixtures: a throwaway copy of the project to run pipelines on ``smoke``."""
+"""Shared fixtures: a throwaway copy of the project to run pipelines on ``smoke`` (with
+simulated users, and with real-user tables), and a Qwen2-VL processor for the gpu world's
+MLLM family."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from prefgen_kedro.data.pickapic import SOURCE
+from prefgen_kedro.data.tables import IMAGES_COLUMNS, INTERACTIONS_COLUMNS, USERS_COLUMNS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +71,11 @@ def smoke_foundation(smoke_project: Path) -> Path:
     return smoke_project / "data" / "06_models" / "foundation_smoke"
 
 
-def _run_once(project: Path, pipeline_names: list[str]) -> Path:
+def _run_once(project: Path, pipeline_names: list[str], runtime_params: dict | None = None) -> Path:
     here = Path.cwd()
     os.chdir(project)
     try:
-        _run_pipelines(project, pipeline_names, None)
+        _run_pipelines(project, pipeline_names, runtime_params)
     finally:
         os.chdir(here)
     return project / "data"
@@ -91,3 +104,116 @@ def smoke_diffused(smoke_aligned: Path, smoke_project: Path) -> Path:
 def smoke_evaluated(smoke_diffused: Path, smoke_project: Path) -> Path:
     """``evaluation`` run once on ``smoke``, after ``smoke_diffused``."""
     return _run_once(smoke_project, ["evaluation"])
+
+
+# What conf/gpu turns off for Pick-a-Pic users: the branch fed their (unknown) true taste.
+REAL_USER_PARAMS = {
+    "diffusion": {"variants": {"oracle_taste": None}},
+    "evaluation": {
+        "methods": [
+            "base",
+            "viper_style",
+            "ip_adapter",
+            "mean_clip",
+            "prefgen",
+            "prefgen_no_mmd",
+            "prefgen_no_core",
+            "prefgen_no_sem",
+            "prefgen_no_img",
+        ],
+        "references": [],
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def smoke_real_users(
+    smoke_aligned: Path, smoke_project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """``diffusion`` and ``evaluation`` run once on ``smoke`` in a copy of the project made
+    after ``smoke_aligned``, whose users are made real: the tables rewritten as the Pick-a-Pic
+    ingestion writes them (``as_real_users``), so no taste is known. Returns the copy's data
+    folder."""
+    project = tmp_path_factory.mktemp("real_users")
+    # Fresh trainer checkpoints; the shipped foundation is not smoke's.
+    ignored = shutil.ignore_patterns("checkpoints", "foundation")
+    shutil.copytree(smoke_project, project, dirs_exist_ok=True, ignore=ignored)
+    as_real_users(project / "data")
+    return _run_once(project, ["diffusion", "evaluation"], REAL_USER_PARAMS)
+
+
+def as_real_users(data: Path) -> None:
+    """Rewrite the agent world's tables under ``data`` as the Pick-a-Pic ingestion writes
+    them: users without attributes or weights and with digit ids (in every table), images
+    whose subject is their caption, without attributes, and interactions whose prompt is the
+    image's caption."""
+    tables = data / "02_intermediate"
+    users = pd.read_parquet(tables / "users.parquet")
+    empty = [[] for _ in range(len(users))]
+    users.assign(liked_attributes=empty, disliked_attributes=empty)[list(USERS_COLUMNS)].to_parquet(
+        tables / "users.parquet"
+    )
+    images = pd.read_parquet(tables / "images.parquet")
+    images.assign(
+        subject=images["caption"], attributes=[[] for _ in range(len(images))], source=SOURCE
+    )[list(IMAGES_COLUMNS)].to_parquet(tables / "images.parquet")
+    interactions = pd.read_parquet(tables / "interactions.parquet")
+    caption = images.set_index("image_id")["caption"]
+    interactions.assign(prompt=caption[interactions["image_id"]].to_numpy())[
+        list(INTERACTIONS_COLUMNS)
+    ].to_parquet(tables / "interactions.parquet")
+    digits = {user_id: str(1000 + k) for k, user_id in enumerate(sorted(users["user_id"]))}
+    for path in data.rglob("*.parquet"):
+        table = pd.read_parquet(path)
+        if "user_id" in table:
+            table.assign(user_id=table["user_id"].map(digits)).to_parquet(path)
+
+
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def make_qwen2_vl_processor() -> Callable[[Iterable[str]], Qwen2VLProcessor]:
+    """Builds a Qwen2-VL processor from a corpus: Qwen's special tokens and chat layout
+    around a small BPE trained on it (the hub tokenizer is not on this machine); images are
+    resized to 56×56, i.e. 4 image tokens each."""
+
+    def build(corpus: Iterable[str]) -> Qwen2VLProcessor:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.train_from_iterator(
+            [*corpus, "user assistant"],
+            trainers.BpeTrainer(
+                vocab_size=400,
+                special_tokens=list(QWEN2_VL_SPECIAL_TOKENS),
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            ),
+        )
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        )
+        return Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(),
+            chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        )
+
+    return build

@@ -1,4 +1,5 @@
-"""Pick-a-Pic v2 ingestion on a two-shard fixture holding one case of every cleaning stage."""
+"""Pick-a-Pic v2 ingestion on a two-shard fixture holding one case of every cleaning stage, and
+on a six-shard one whose duplicates span shards, run in tiny batches, in parallel and resumed."""
 
 import io
 from datetime import datetime
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from prefgen_kedro.data import pickapic
 from prefgen_kedro.data.pickapic import ingest_pickapic
 from prefgen_kedro.data.splits import assign_splits
 from prefgen_kedro.data.tables import (
@@ -52,7 +54,7 @@ def _image_bytes(shade: int, image_format: str = "PNG", size: tuple[int, int] = 
 IMAGES = {
     "u1": _image_bytes(10, size=(12, 8)),
     "u2": _image_bytes(20, "JPEG"),
-    **{f"u{index}": _image_bytes(10 * index) for index in range(3, 18)},
+    **{f"u{index}": _image_bytes(10 * index) for index in range(3, 23)},
 }
 
 
@@ -250,3 +252,193 @@ def test_the_tables_round_trip_through_parquet(ingested: tuple[Any, ...], tmp_pa
     for name, table in {"images": images, "interactions": interactions, "users": users}.items():
         table.to_parquet(tmp_path / f"{name}.parquet")
         assert len(pd.read_parquet(tmp_path / f"{name}.parquet")) == len(table)
+
+
+# Every cleaning stage again, with first occurrences and their duplicates in different shards;
+# users 1, 2 and 4 have four decisive choices each, spread over shards.
+MULTI_SHARDS = {
+    "shard-000.parquet": [
+        _row("a red fox", 1, ("u1", "u2"), (1.0, 0.0)),
+        _row("a blue car", 2, ("u3", "u4"), (0.0, 1.0)),
+        _row("a tie", 1, ("u5", "u6"), (0.5, 0.5)),
+    ],
+    "shard-001.parquet": [
+        # u1 again, by uid: a duplicate of shard-000's image.
+        _row("fox versus cat", 1, ("u5", "u1"), (1.0, 0.0)),
+        # u6 is first seen here, in a pair dropped for its corrupt side, so it is not kept yet.
+        _row("a broken image", 2, ("u13", "u6"), (0.0, 1.0), image_bytes=(CORRUPT, IMAGES["u6"])),
+        _row("user 3 only chose once", 3, ("u7", "u8"), (1.0, 0.0)),
+    ],
+    "shard-002.parquet": [
+        # u9 holds u3's bytes: a duplicate by content of shard-000's image.
+        _row(
+            "same car again", 2, ("u9", "u8"), (1.0, 0.0), image_bytes=(IMAGES["u3"], IMAGES["u8"])
+        ),
+        _row("not labelled", 1, ("u10", "u11"), (1.0, 0.0), has_label=False),
+        _row("twice the same", 1, ("u16", "u17"), (1.0, 0.0), image_bytes=(IMAGES["u16"],) * 2),
+    ],
+    "shard-003.parquet": [
+        _row("owl versus cat", 2, ("u6", "u12"), (0.0, 1.0)),
+        # A kept uid whose bytes won't decode is found by its uid, before any decoding.
+        _row("fox, broken", 1, ("u2", "u14"), (1.0, 0.0), image_bytes=(CORRUPT, IMAGES["u14"])),
+        _row("user 4 starts", 4, ("u15", "u18"), (1.0, 0.0)),
+    ],
+    "shard-004.parquet": [
+        _row("user 4 goes on", 4, ("u18", "u19"), (0.0, 1.0)),
+        _row(
+            "u15 by content",
+            4,
+            ("u20", "u21"),
+            (1.0, 0.0),
+            image_bytes=(IMAGES["u20"], IMAGES["u15"]),
+        ),
+        _row("u19 by uid", 4, ("u19", "u22"), (0.0, 1.0)),
+    ],
+    # Nothing kept: the shard's partial result is empty.
+    "shard-005.parquet": [_row("user 5 only tied", 5, ("u10", "u11"), (0.5, 0.5))],
+}
+MULTI_SHARD_NAMES = list(MULTI_SHARDS)
+
+
+def _ingest_multi(shard_dir: Path, **options: Any) -> tuple[Any, ...]:
+    return ingest_pickapic(
+        shard_dir,
+        **{
+            "min_choices_per_user": 2,
+            "image_size": 8,
+            "images_subdir": "pickapic_images",
+            "split_fractions": SPLIT_FRACTIONS,
+            "seed": 0,
+            **options,
+        },
+    )
+
+
+def _assert_same_ingestion(actual: tuple[Any, ...], expected: tuple[Any, ...]) -> None:
+    for actual_table, expected_table in zip(actual[:3], expected[:3], strict=True):
+        pd.testing.assert_frame_equal(actual_table, expected_table)
+    actual_files, expected_files = actual[3], expected[3]
+    assert list(actual_files) == list(expected_files)
+    assert all(
+        actual_files[image_id].tobytes() == image.tobytes()
+        for image_id, image in expected_files.items()
+    )
+    assert actual[4] == expected[4]
+
+
+def _count_decoded_shards(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the shards decoded from here on (in this process), in order."""
+    decoded: list[str] = []
+    decode_shard = pickapic._decode_shard
+
+    def counting(shard: Path, *args: Any) -> Any:
+        decoded.append(shard.name)
+        return decode_shard(shard, *args)
+
+    monkeypatch.setattr(pickapic, "_decode_shard", counting)
+    return decoded
+
+
+@pytest.fixture(scope="module")
+def multi_shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_shards(tmp_path_factory.mktemp("pickapic_multi"), MULTI_SHARDS)
+
+
+@pytest.fixture(scope="module")
+def one_batch_run(multi_shard_dir: Path) -> tuple[Any, ...]:
+    return _ingest_multi(multi_shard_dir, batch_size=1000)
+
+
+def test_cleaning_across_shards_counts_every_stage(one_batch_run: tuple[Any, ...]) -> None:
+    images, interactions, users, _, report = one_batch_run
+
+    assert {
+        "shards_read": 6,
+        "rows_read": 16,
+        "dropped_no_decisive_label": 3,
+        "dropped_too_few_choices_users": 1,
+        "dropped_too_few_choices_rows": 1,
+        "corrupt_images": 1,
+        "dropped_pairs_with_corrupt_image": 1,
+        "duplicate_images": 6,
+        "dropped_identical_pairs": 1,
+        "pairs_kept": 10,
+        "images_kept": 14,
+        "interactions_kept": 20,
+        "users_kept": 3,
+    }.items() <= report.items()
+    assert list(images["image_id"]) == [
+        *("u1", "u2", "u3", "u4", "u5", "u8", "u6", "u12", "u14", "u15", "u18", "u19", "u20"),
+        "u22",
+    ]
+    assert list(users["user_id"]) == ["1", "2", "4"]
+    # Duplicates point at the first kept image, whichever shard it came from.
+    assert set(interactions["image_id"]) == set(images["image_id"])
+    assert ("2", "u3", 1, "same car again") in set(interactions.itertuples(index=False, name=None))
+
+
+def test_tiny_batches_give_the_one_batch_result(
+    multi_shard_dir: Path, one_batch_run: tuple[Any, ...]
+) -> None:
+    _assert_same_ingestion(_ingest_multi(multi_shard_dir, batch_size=1), one_batch_run)
+
+
+def test_two_workers_give_the_one_worker_result_and_save_every_shard(
+    multi_shard_dir: Path, one_batch_run: tuple[Any, ...], tmp_path: Path
+) -> None:
+    work_dir = tmp_path / "shards"
+
+    parallel = _ingest_multi(multi_shard_dir, batch_size=2, workers=2, work_dir=work_dir)
+
+    _assert_same_ingestion(parallel, one_batch_run)
+    # One partial per shard, saved by the worker processes: <shard>.<fingerprint>.pickle
+    assert sorted(path.name.rsplit(".", 2)[0] for path in work_dir.iterdir()) == MULTI_SHARD_NAMES
+
+
+def test_a_killed_run_resumes_from_its_finished_shards(
+    multi_shard_dir: Path,
+    one_batch_run: tuple[Any, ...],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work_dir = tmp_path / "shards"
+    decode_shard = pickapic._decode_shard
+
+    def killed_at_third_shard(shard: Path, *args: Any) -> Any:
+        if shard.name == "shard-002.parquet":
+            raise MemoryError("killed")
+        return decode_shard(shard, *args)
+
+    monkeypatch.setattr(pickapic, "_decode_shard", killed_at_third_shard)
+    with pytest.raises(RuntimeError, match="shard-002.parquet"):
+        _ingest_multi(multi_shard_dir, batch_size=2, work_dir=work_dir)
+    assert len(list(work_dir.glob("*.pickle"))) == 2
+    monkeypatch.undo()
+
+    decoded = _count_decoded_shards(monkeypatch)
+    resumed = _ingest_multi(multi_shard_dir, batch_size=2, work_dir=work_dir)
+
+    _assert_same_ingestion(resumed, one_batch_run)
+    assert decoded == MULTI_SHARD_NAMES[2:]
+    # A third run decodes nothing.
+    _assert_same_ingestion(_ingest_multi(multi_shard_dir, work_dir=work_dir), one_batch_run)
+    assert decoded == MULTI_SHARD_NAMES[2:]
+
+
+def test_changed_parameters_decode_again_and_replace_only_their_partials(
+    multi_shard_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work_dir = tmp_path / "shards"
+    _ingest_multi(multi_shard_dir, work_dir=work_dir)
+    (work_dir / "notes.txt").write_text("mine")
+    (work_dir / "shard-000.parquet.backup").write_text("mine too")
+    decoded = _count_decoded_shards(monkeypatch)
+
+    resized = _ingest_multi(multi_shard_dir, image_size=12, work_dir=work_dir)
+
+    assert decoded == MULTI_SHARD_NAMES
+    _assert_same_ingestion(resized, _ingest_multi(multi_shard_dir, image_size=12))
+    assert len(list(work_dir.glob("*.pickle"))) == len(MULTI_SHARD_NAMES)
+    assert not list(work_dir.glob("*.tmp"))
+    assert (work_dir / "notes.txt").read_text() == "mine"
+    assert (work_dir / "shard-000.parquet.backup").read_text() == "mine too"

@@ -20,12 +20,14 @@ from prefgen_kedro.models.diffusion import (
     build_noise_scheduler,
     build_unet,
     diffusion_training_data,
+    encode_latents,
     encode_prompts,
     generate,
     grid_writer,
     prompt_adherence,
     sample,
     sample_grid,
+    to_diffusion_pixels,
 )
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
@@ -269,9 +271,10 @@ def test_extra_condition_reaches_the_attention_processors() -> None:
     assert_same_pictures(run(users, [2, 0], batch_size=2), with_users[[2, 0]])
 
 
-def test_latent_model_is_decoded_by_its_vae() -> None:
+def tiny_vae() -> AutoencoderKL:
+    """An f=2 ``AutoencoderKL`` with 4 latent channels, as SD's (f=8) has."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(
+    return AutoencoderKL(
         block_out_channels=(8, 8),
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
@@ -279,6 +282,10 @@ def test_latent_model_is_decoded_by_its_vae() -> None:
         norm_num_groups=4,
         sample_size=SIZE,
     )
+
+
+def test_latent_model_is_decoded_by_its_vae() -> None:
+    vae = tiny_vae()
     unet = tiny_unet(in_channels=4, sample_size=SIZE // 2)
     images = sample(
         unet,
@@ -290,6 +297,20 @@ def test_latent_model_is_decoded_by_its_vae() -> None:
         vae=vae,
     )
     assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.uint8
+
+
+def test_training_latents_are_the_scaled_posterior_mean_batch_by_batch() -> None:
+    vae = tiny_vae().eval()
+    pictures = [
+        np.random.default_rng(i).integers(0, 256, (SIZE, SIZE, 3), np.uint8) for i in range(3)
+    ]
+    latents = encode_latents(vae, pictures, batch_size=2)
+    assert latents.shape == (3, 4, SIZE // 2, SIZE // 2) and latents.dtype == torch.float32
+    with torch.no_grad():
+        whole = vae.encode(to_diffusion_pixels(np.stack(pictures))).latent_dist.mean
+    torch.testing.assert_close(latents, whole * vae.config.scaling_factor)
+    # the same pictures give the same training samples (no posterior draw)
+    assert torch.equal(encode_latents(vae, np.stack(pictures)), encode_latents(vae, pictures))
 
 
 def test_round_trip_through_the_pretrained_model_dataset(tmp_path: Path) -> None:

@@ -1,9 +1,16 @@
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from prefgen_kedro.datasets import PretrainedModelDataset
 from prefgen_kedro.models.batches import class_indices
 from prefgen_kedro.models.clip import (
+    CLIP_MEAN,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
     ClipWithAttributeHeads,
     build_conditioning_clip,
     build_evaluation_clip,
@@ -81,8 +88,8 @@ def test_conditioning_clip_trains_on_groups_and_encodes(renders):
     assert torch.allclose(encode_texts(["a red star"]).norm(dim=-1), torch.ones(1))
 
 
-def test_evaluation_clip_loss_and_zero_shot_accuracy_are_well_formed(renders):
-    model = build_evaluation_clip(
+def tiny_evaluation_clip():
+    return build_evaluation_clip(
         image_size=SIZE,
         patch_size=4,
         vision_width=16,
@@ -94,6 +101,10 @@ def test_evaluation_clip_loss_and_zero_shot_accuracy_are_well_formed(renders):
         context_length=24,
         seed=0,
     )
+
+
+def test_evaluation_clip_loss_and_zero_shot_accuracy_are_well_formed(renders):
+    model = tiny_evaluation_clip()
     loss = heads_loss(model, grouped_batch(renders, model.tokenize(renders.captions)))
     loss.backward()
     assert torch.isfinite(loss) and model.model.visual.conv1.weight.grad is not None
@@ -102,6 +113,32 @@ def test_evaluation_clip_loss_and_zero_shot_accuracy_are_well_formed(renders):
     )
     assert set(accuracy) == {"subject", *CATEGORIES}
     assert all(0.0 <= value <= 1.0 for value in accuracy.values())
+
+
+def test_evaluation_clip_loads_an_open_clip_hub_directory(renders, tmp_path):
+    """The layout laion's checkpoints ship (the gpu world's ViT-H-14), beside the
+    transformers files such a repository also holds."""
+    model = tiny_evaluation_clip().eval()
+    (tmp_path / OPEN_CLIP_CONFIG).write_text(
+        json.dumps({"model_cfg": model.model_cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN)}})
+    )
+    save_file(model.model.state_dict(), tmp_path / OPEN_CLIP_WEIGHTS)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    loaded = PretrainedModelDataset(
+        path=tmp_path, model_class="prefgen_kedro.models.clip.EvaluationClip"
+    ).load()
+    assert loaded.model_cfg == model.model_cfg and not loaded.training
+    images, texts = evaluation_clip_encoders(model)
+    loaded_images, loaded_texts = evaluation_clip_encoders(loaded)
+    assert torch.equal(loaded_images(renders.images), images(renders.images))
+    assert torch.equal(loaded_texts(["a red star"]), texts(["a red star"]))
+
+
+def test_evaluation_clip_encodes_images_in_batches_as_in_one(renders):
+    model = tiny_evaluation_clip().eval()
+    whole, _ = evaluation_clip_encoders(model, batch_size=len(renders.images))
+    batched, _ = evaluation_clip_encoders(model, batch_size=3)
+    torch.testing.assert_close(batched(renders.images), whole(renders.images))
 
 
 def test_zero_shot_accuracy_is_exact_for_a_perfect_encoder(renders):

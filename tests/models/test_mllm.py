@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
 )
 
 from prefgen_kedro.models.clip import build_conditioning_clip
@@ -338,42 +333,14 @@ def test_lora_on_a_saved_model_trains_only_the_adapters(world, examples, saved, 
     assert not any("vision_tower" in name for name in changed)
 
 
-def test_qwen2_vl_takes_the_same_road(world, examples, tmp_path):
+def test_qwen2_vl_takes_the_same_road(world, examples, make_qwen2_vl_processor, tmp_path):
     """The gpu world's family, built tiny: same batching, loss, LoRA and inference."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>"]
-    specials += ["<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(
-        [*vqa_corpus(world.images["caption"]), "user assistant"],
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    template = (
-        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-        "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=template,
-    ).save_pretrained(tmp_path)
-    vocabulary = tokenizer.get_vocab()
+    qwen_processor = make_qwen2_vl_processor(vqa_corpus(world.images["caption"]))
+    qwen_processor.save_pretrained(tmp_path)
+    vocabulary = qwen_processor.tokenizer.get_vocab()
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": len(tokenizer),
+            "vocab_size": len(qwen_processor.tokenizer),
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_hidden_layers": TEXT_LAYERS,

@@ -1,12 +1,19 @@
-"""Prompts every method shares, and the oracle's verdicts on hand-made renders."""
+"""Prompts every method shares (subject-only for simulated users, held-out captions for
+real ones), and the oracle's verdicts on hand-made renders."""
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from prefgen_kedro.models.oracle import AttributeOracle
-from prefgen_kedro.models.user_generation import draw_subject_prompts, oracle_preference
+from prefgen_kedro.models.user_generation import (
+    draw_prompts,
+    draw_subject_prompts,
+    image_prompts,
+    oracle_preference,
+)
 from prefgen_kedro.world.render import render
 from prefgen_kedro.world.users import SimulatedUser
 from prefgen_kedro.world.vocabulary import HEADS
@@ -22,6 +29,76 @@ def test_prompts_are_drawn_per_user_with_distinct_seeds_and_reproducibly():
     assert cases.equals(draw_subject_prompts(["u1", "u2", "u3"], 2, seed=4))
     with pytest.raises(ValueError, match="prompts_per_user"):
         draw_subject_prompts(["u1"], 0, seed=4)
+
+
+def _real_world() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Two Pick-a-Pic-like users: ``1`` has a and g (liked in one pair, disliked in another)
+    in its context and likes c, d (twice), e (a blank caption) and f (c's caption) outside
+    it; ``2`` has one held-out like. Returns (contexts, images, interactions)."""
+    prompts = ["a cat", "a dog", "a red fox", "an owl", " ", "a red fox", "a hen", "a cow", "a pig"]
+    captions = dict(zip("abcdefghi", prompts, strict=True))
+    images = pd.DataFrame(
+        {
+            "image_id": list(captions),
+            "caption": list(captions.values()),
+            "subject": list(captions.values()),
+            "source": "pickapic",
+        }
+    )
+    # One interaction per column, in history order (label 1: liked).
+    interactions = pd.DataFrame(
+        {
+            "user_id": list("111111111222"),
+            "image_id": list("abcdgdefghbi"),
+            "label": [int(c) for c in "101101111101"],
+        }
+    )
+    contexts = pd.DataFrame(
+        {"liked": [("a",), ("h",)], "disliked": [("b", "g"), ("b",)]},
+        index=pd.Index(["1", "2"], name="user_id"),
+    )
+    return contexts, images, interactions
+
+
+def test_real_users_get_distinct_captions_of_held_out_liked_images_reproducibly():
+    contexts, images, interactions = _real_world()
+    cases = draw_prompts(contexts, interactions, images, 2, seed=3, subject_only=False)
+    # g is liked but also in the context; e asks for nothing; f repeats c's prompt; user 2
+    # has one held-out like (i) for two prompts and is left out.
+    assert cases["user_id"].tolist() == ["1", "1"]
+    assert set(cases["real_image_id"]) == {"c", "d"}
+    caption = images.set_index("image_id")["caption"]
+    assert cases["prompt"].tolist() == caption[cases["real_image_id"]].tolist()
+    assert cases["subject"].tolist() == cases["prompt"].tolist()
+    assert cases["seed"].is_unique
+    assert cases.equals(draw_prompts(contexts, interactions, images, 2, 3, subject_only=False))
+
+    one = draw_prompts(contexts, interactions, images, 1, seed=3, subject_only=False)
+    assert one["user_id"].tolist() == ["1", "2"] and one["real_image_id"].iloc[1] == "i"
+    with pytest.raises(ValueError, match="no user has 3 liked images"):
+        draw_prompts(contexts, interactions, images, 3, seed=3, subject_only=False)
+
+
+def test_simulated_users_get_subject_prompts_and_their_first_held_out_likes():
+    contexts, images, interactions = _real_world()
+    cases = draw_prompts(contexts, interactions, images, 2, seed=4, subject_only=True)
+    subjects = draw_subject_prompts(["1"], 2, seed=4)
+    assert cases.drop(columns="real_image_id").equals(subjects)
+    assert cases["prompt"].tolist() == [f"a {s}" for s in cases["subject"]]
+    assert cases["real_image_id"].tolist() == ["c", "d"]  # history order, outside the context
+
+
+def test_a_render_is_asked_for_by_its_subject_a_real_image_by_its_caption():
+    images = pd.DataFrame(
+        {
+            "image_id": ["r", "p"],
+            "caption": ["a red star on white, striped", "a fox in the snow, oil painting"],
+            "subject": ["star", "a fox in the snow, oil painting"],
+            "source": ["agent", "pickapic"],
+        }
+    )
+    prompts = image_prompts(images)
+    assert prompts.to_dict() == {"r": "a star", "p": "a fox in the snow, oil painting"}
 
 
 def test_oracle_like_rate_on_renders_made_to_be_liked_or_disliked():

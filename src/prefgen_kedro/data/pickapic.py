@@ -20,16 +20,33 @@ Every row read ends in exactly one of ``dropped_no_decisive_label``,
 ``dropped_too_few_choices_rows``, ``dropped_pairs_with_corrupt_image``,
 ``dropped_identical_pairs`` and ``pairs_kept``; and ``2 * pairs_kept == images_kept +
 duplicate_images``.
+
+The shards are streamed in record batches of ``batch_size`` rows, in two passes. The first reads
+only the label columns, to count each user's decisive choices. The second, the expensive one,
+decodes each shard's images into a per-shard partial result (the shard's pairs without their
+bytes, and each distinct image of the shard resized, keyed by sha1); shards are decoded by
+``workers`` processes in parallel. Stages 2-5 then run on the partials in shard order, so "first
+occurrence" and every count are the same whatever the batch size, the number of workers, or
+which partials a resumed run reused. With a ``work_dir``, each decoded shard's partial is saved
+there and a re-run reuses it, so a killed run loses only the shards it was decoding.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+import multiprocessing
+import os
+import pickle
+import re
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +54,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 from prefgen_kedro.data.splits import assign_splits
 from prefgen_kedro.data.tables import (
@@ -77,6 +95,9 @@ REPORT_KEYS = (
     "interactions_kept",
     "users_kept",
 )
+# Part of every partial's fingerprint: bump it when _ShardPairs or the decoding changes, so that
+# partials saved by older code are decoded again rather than reused.
+PARTIAL_FORMAT = 1
 
 
 def ingest_pickapic(
@@ -88,6 +109,8 @@ def ingest_pickapic(
     split_fractions: Mapping[str, float],
     seed: int,
     batch_size: int = 256,
+    workers: int = 1,
+    work_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Image.Image], dict[str, int]]:
     """Clean the Pick-a-Pic v2 shards under ``shard_dir`` (see the module docstring).
 
@@ -95,26 +118,56 @@ def ingest_pickapic(
     the resized images keyed by ``image_id`` (``images.path`` is
     ``f"{images_subdir}/{image_id}.png"``), and the per-stage counts, with users and
     interactions per split as ``users_<split>`` and ``interactions_<split>``. Users are split by
-    ``assign_splits`` with ``split_fractions`` and ``seed``. At most ``batch_size`` rows of a
-    shard are in memory at once, besides the kept images.
+    ``assign_splits`` with ``split_fractions`` and ``seed``.
+
+    ``workers`` processes decode shards in parallel; each holds at most ``batch_size`` rows of
+    its shard at once, besides that shard's decoded images. With ``work_dir``, each decoded
+    shard is saved there (``<shard>.<fingerprint>.pickle``) and reused by a later run with the
+    same shard file, ``image_size`` and kept users of that shard. The result does not depend on
+    ``batch_size``, ``workers`` or ``work_dir``.
     """
     unknown = sorted(set(split_fractions) - set(SPLITS))
     if unknown:
         raise ValueError(f"split fractions: unknown split(s) {unknown}; expected {list(SPLITS)}")
+    if workers < 1:
+        raise ValueError(f"Pick-a-Pic workers: {workers}; expected at least 1")
     shards = list_shards(shard_dir)
     report: Counter[str] = Counter(shards_read=len(shards))
 
-    choices = _count_decisive_choices(shards, batch_size, report)
+    choices_by_shard = [
+        _count_decisive_choices(shard, batch_size, report)
+        for shard in tqdm(shards, desc="Pick-a-Pic: count choices", unit="shard")
+    ]
+    choices: Counter[str] = Counter()
+    for shard_choices in choices_by_shard:
+        choices.update(shard_choices)
     kept_users = {user for user, count in choices.items() if count >= min_choices_per_user}
     report["dropped_too_few_choices_users"] = len(choices) - len(kept_users)
     report["dropped_too_few_choices_rows"] = sum(
         count for user, count in choices.items() if user not in kept_users
     )
 
+    jobs = []
+    for shard, shard_choices in zip(shards, choices_by_shard, strict=True):
+        # Only the shard's own kept users, so a user kept or dropped elsewhere leaves it valid.
+        shard_users = kept_users.intersection(shard_choices)
+        partial = None
+        if work_dir is not None:
+            partial = _partial_path(Path(work_dir), shard, shard_users, image_size)
+        jobs.append(_ShardJob(shard, shard_users, image_size, batch_size, partial))
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        reused = sum(job.partial.exists() for job in jobs if job.partial is not None)
+        logger.info(
+            "Pick-a-Pic: %d of %d shards already decoded in %s", reused, len(jobs), work_dir
+        )
+
     store = _ImageStore(image_size, images_subdir)
     interaction_rows: list[dict[str, Any]] = []
-    for row in _decisive_rows(shards, kept_users, batch_size):
-        interaction_rows.extend(_ingest_pair(row, store, report))
+    decoded = _in_shard_order(jobs, workers)
+    for shard_pairs in tqdm(decoded, total=len(jobs), desc="Pick-a-Pic: decode", unit="shard"):
+        for pair in shard_pairs.pairs:
+            interaction_rows.extend(_ingest_pair(pair, shard_pairs.pixels, store, report))
 
     images = pd.DataFrame(store.rows, columns=list(IMAGES_COLUMNS))
     interactions = pd.DataFrame(interaction_rows, columns=list(INTERACTIONS_COLUMNS))
@@ -162,11 +215,18 @@ def list_shards(shard_dir: str | Path) -> list[Path]:
     return shards
 
 
-def _batches(
-    shards: Iterable[Path], columns: tuple[str, ...], batch_size: int
-) -> Iterator[pa.RecordBatch]:
-    for shard in shards:
-        yield from pq.ParquetFile(shard).iter_batches(batch_size=batch_size, columns=list(columns))
+@contextmanager
+def _naming_shard(shard: Path) -> Iterator[None]:
+    """Re-raise any error with the shard it happened in, so hours into a run it can be found."""
+    try:
+        yield
+    except Exception as error:
+        raise RuntimeError(f"Pick-a-Pic shard {shard}: {type(error).__name__}: {error}") from error
+
+
+def _batches(shard: Path, columns: tuple[str, ...], batch_size: int) -> Iterator[pa.RecordBatch]:
+    with pq.ParquetFile(shard) as file:
+        yield from file.iter_batches(batch_size=batch_size, columns=list(columns))
 
 
 def _is_decisive(has_label: bool | None, label_0: float | None, label_1: float | None) -> bool:
@@ -186,36 +246,156 @@ def _decisive_user_ids(batch: pa.RecordBatch) -> list[str | None]:
     ]
 
 
-def _count_decisive_choices(
-    shards: list[Path], batch_size: int, report: Counter[str]
-) -> Counter[str]:
-    """Decisive choices per user (first pass, label columns only); counts rows in ``report``."""
+def _count_decisive_choices(shard: Path, batch_size: int, report: Counter[str]) -> Counter[str]:
+    """Decisive choices per user in ``shard`` (first pass, label columns only); counts rows in
+    ``report``."""
     choices: Counter[str] = Counter()
-    for batch in _batches(shards, LABEL_COLUMNS, batch_size):
-        users = _decisive_user_ids(batch)
-        report["rows_read"] += batch.num_rows
-        report["dropped_no_decisive_label"] += users.count(None)
-        choices.update(user for user in users if user is not None)
+    with _naming_shard(shard):
+        for batch in _batches(shard, LABEL_COLUMNS, batch_size):
+            users = _decisive_user_ids(batch)
+            report["rows_read"] += batch.num_rows
+            report["dropped_no_decisive_label"] += users.count(None)
+            choices.update(user for user in users if user is not None)
     return choices
 
 
-def _decisive_rows(
-    shards: list[Path], kept_users: set[str], batch_size: int
-) -> Iterator[dict[str, Any]]:
-    """The decisive rows of ``kept_users`` (second pass); other rows' bytes are never copied."""
-    for batch in _batches(shards, PAIR_COLUMNS, batch_size):
+@dataclass(frozen=True, slots=True)
+class _Pair:
+    """A decisive row of a kept user, its image bytes replaced by their sha1 (None: no bytes)."""
+
+    user_id: str
+    caption: str
+    first_is_chosen: bool
+    uids: tuple[str, str]
+    digests: tuple[str | None, str | None]
+
+
+@dataclass(frozen=True)
+class _ShardPairs:
+    """A shard's partial result: its ``pairs`` in row order and, for each distinct image bytes
+    (sha1), the image decoded, cropped and resized as RGB bytes, or None if it won't decode."""
+
+    pairs: list[_Pair]
+    pixels: dict[str, bytes | None]
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """What a worker needs to decode one shard (or reuse it from ``partial``)."""
+
+    shard: Path
+    kept_users: set[str]
+    image_size: int
+    batch_size: int
+    partial: Path | None
+
+
+def _partial_path(work_dir: Path, shard: Path, kept_users: set[str], image_size: int) -> Path:
+    """Where the decoded ``shard`` is saved, named by a fingerprint of all it depends on."""
+    stat = shard.stat()
+    inputs = [PARTIAL_FORMAT, shard.name, stat.st_size, stat.st_mtime_ns, image_size]
+    fingerprint = hashlib.sha256(json.dumps([*inputs, sorted(kept_users)]).encode())
+    return work_dir / f"{shard.name}.{fingerprint.hexdigest()[:16]}.pickle"
+
+
+def _in_shard_order(jobs: list[_ShardJob], workers: int) -> Iterator[_ShardPairs]:
+    """Each job's decoded shard, in job order, decoded by up to ``workers`` processes."""
+    processes = min(workers, len(jobs))
+    if processes == 1:
+        for job in jobs:
+            with _naming_shard(job.shard):
+                shard_pairs = _read_or_decode_shard(job)
+            yield shard_pairs
+        return
+    # spawn, not fork: the node may run in a process with threads (Kedro, torch), which fork can
+    # deadlock.
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    waiting = iter(jobs)
+    try:
+        # At most two shards per process ahead of the one merged, so the partials that wait for
+        # an earlier, slower shard stay few.
+        running: deque[tuple[Path, Future[_ShardPairs]]] = deque(
+            (job.shard, pool.submit(_read_or_decode_shard, job))
+            for job in islice(waiting, 2 * processes)
+        )
+        while running:
+            shard, future = running.popleft()
+            with _naming_shard(shard):
+                shard_pairs = future.result()
+            next_job = next(waiting, None)
+            if next_job is not None:
+                running.append((next_job.shard, pool.submit(_read_or_decode_shard, next_job)))
+            yield shard_pairs
+    finally:
+        # On an error the running shards finish (and keep their partials); queued ones never start.
+        pool.shutdown(cancel_futures=True)
+
+
+def _read_or_decode_shard(job: _ShardJob) -> _ShardPairs:
+    """The job's shard from its saved partial when there is one, else decoded (and saved)."""
+    if job.partial is not None and job.partial.exists():
+        with job.partial.open("rb") as file:
+            return pickle.load(file)
+    shard_pairs = _decode_shard(job.shard, job.kept_users, job.image_size, job.batch_size)
+    if job.partial is not None:
+        _save_partial(shard_pairs, job.partial, job.shard.name)
+    return shard_pairs
+
+
+def _decode_shard(
+    shard: Path, kept_users: set[str], image_size: int, batch_size: int
+) -> _ShardPairs:
+    """The decisive pairs of ``kept_users`` in ``shard`` (second pass), each distinct image
+    decoded once; other rows' bytes are never copied."""
+    pairs: list[_Pair] = []
+    pixels: dict[str, bytes | None] = {}
+    for batch in _batches(shard, PAIR_COLUMNS, batch_size):
         keep = [user in kept_users for user in _decisive_user_ids(batch)]
-        yield from batch.filter(pa.array(keep, type=pa.bool_())).to_pylist()
+        for row in batch.filter(pa.array(keep, type=pa.bool_())).to_pylist():
+            digests = []
+            for data in (row["jpg_0"], row["jpg_1"]):
+                digest = None if data is None else hashlib.sha1(data).hexdigest()
+                if digest is not None and digest not in pixels:
+                    pixels[digest] = _decode_square(data, image_size)
+                digests.append(digest)
+            pairs.append(
+                _Pair(
+                    user_id=str(row["user_id"]),
+                    caption=row["caption"],
+                    # Labels are 1/0 or 0/1 here: only decisive rows are let through.
+                    first_is_chosen=row["label_0"] == 1,
+                    uids=(row["image_0_uid"], row["image_1_uid"]),
+                    digests=(digests[0], digests[1]),
+                )
+            )
+    return _ShardPairs(pairs, pixels)
+
+
+def _save_partial(shard_pairs: _ShardPairs, path: Path, shard_name: str) -> None:
+    """Save ``shard_pairs`` at ``path`` atomically, and remove the shard's superseded partials."""
+    temporary = path.with_name(f"{path.name}.tmp")
+    with temporary.open("wb") as file:
+        pickle.dump(shard_pairs, file, protocol=pickle.HIGHEST_PROTOCOL)
+        file.flush()
+        os.fsync(file.fileno())
+    # A rename is atomic: a killed run leaves a whole partial or none, never half of one.
+    temporary.replace(path)
+    # Partials saved with other parameters hold as many images as this one; keep disk use to one
+    # per shard. Only this shard's partials in work_dir match.
+    superseded = re.compile(rf"{re.escape(shard_name)}\.[0-9a-f]{{16}}\.pickle(\.tmp)?")
+    for other in path.parent.iterdir():
+        if other != path and superseded.fullmatch(other.name):
+            other.unlink()
 
 
 @dataclass(frozen=True)
 class _Candidate:
-    """One side of a pair, resolved: a kept image (``image`` None) or a newly decoded one."""
+    """One side of a pair, resolved: a kept image (``pixels`` None) or a new one."""
 
     uid: str
     digest: str
     image_id: str
-    image: Image.Image | None
+    pixels: bytes | None
 
 
 class _ImageStore:
@@ -229,24 +409,26 @@ class _ImageStore:
         self._id_by_uid: dict[str, str] = {}
         self._id_by_digest: dict[str, str] = {}
 
-    def resolve(self, uid: str, data: bytes | None) -> _Candidate | None:
-        """The kept image ``uid`` or ``data`` duplicates, else the decoded one; None if corrupt."""
-        if data is None:
+    def resolve(
+        self, uid: str, digest: str | None, pixels: Mapping[str, bytes | None]
+    ) -> _Candidate | None:
+        """The kept image ``uid`` or ``digest`` duplicates, else the new one; None if corrupt."""
+        if digest is None:
             return None
-        digest = hashlib.sha1(data).hexdigest()
         known = self._id_by_uid.get(uid) or self._id_by_digest.get(digest)
         if known is not None:
             return _Candidate(uid, digest, known, None)
-        image = _decode_square(data, self.image_size)
-        return None if image is None else _Candidate(uid, digest, uid, image)
+        square = pixels[digest]
+        return None if square is None else _Candidate(uid, digest, uid, square)
 
     def keep(self, candidate: _Candidate, caption: str) -> None:
         """Index ``candidate`` and store its image when it is new."""
         self._id_by_uid.setdefault(candidate.uid, candidate.image_id)
         self._id_by_digest.setdefault(candidate.digest, candidate.image_id)
-        if candidate.image is None:
+        if candidate.pixels is None:
             return
-        self.files[candidate.image_id] = candidate.image
+        size = (self.image_size, self.image_size)
+        self.files[candidate.image_id] = Image.frombytes("RGB", size, candidate.pixels)
         self.rows.append(
             {
                 "image_id": candidate.image_id,
@@ -259,22 +441,27 @@ class _ImageStore:
         )
 
 
-def _decode_square(data: bytes, size: int) -> Image.Image | None:
-    """The image center-cropped and resized to ``size`` x ``size`` RGB; None if it won't decode."""
+def _decode_square(data: bytes, size: int) -> bytes | None:
+    """The image center-cropped and resized to ``size`` x ``size``, as RGB bytes; None if it
+    won't decode."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             # load() decodes every pixel, so truncated data fails here rather than when saving.
             image.load()
-            return ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+            square = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+            return square.tobytes()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 
 
 def _ingest_pair(
-    row: Mapping[str, Any], store: _ImageStore, report: Counter[str]
+    pair: _Pair, pixels: Mapping[str, bytes | None], store: _ImageStore, report: Counter[str]
 ) -> list[dict[str, Any]]:
-    """The liked and disliked interactions of one decisive row, or none if it is dropped."""
-    first, second = (store.resolve(row[f"image_{side}_uid"], row[f"jpg_{side}"]) for side in (0, 1))
+    """The liked and disliked interactions of one decisive pair, or none if it is dropped."""
+    first, second = (
+        store.resolve(uid, digest, pixels)
+        for uid, digest in zip(pair.uids, pair.digests, strict=True)
+    )
     if first is None or second is None:
         report["corrupt_images"] += (first is None) + (second is None)
         report["dropped_pairs_with_corrupt_image"] += 1
@@ -284,17 +471,20 @@ def _ingest_pair(
         return []
     report["pairs_kept"] += 1
     for candidate in (first, second):
-        report["duplicate_images"] += candidate.image is None
-        store.keep(candidate, row["caption"])
-    # Labels are 1/0 or 0/1 here: the first pass let only decisive rows through.
-    chosen, rejected = (first, second) if row["label_0"] == 1 else (second, first)
-    user_id = str(row["user_id"])
+        report["duplicate_images"] += candidate.pixels is None
+        store.keep(candidate, pair.caption)
+    chosen, rejected = (first, second) if pair.first_is_chosen else (second, first)
     return [
-        {"user_id": user_id, "image_id": chosen.image_id, "label": LIKED, "prompt": row["caption"]},
         {
-            "user_id": user_id,
+            "user_id": pair.user_id,
+            "image_id": chosen.image_id,
+            "label": LIKED,
+            "prompt": pair.caption,
+        },
+        {
+            "user_id": pair.user_id,
             "image_id": rejected.image_id,
             "label": DISLIKED,
-            "prompt": row["caption"],
+            "prompt": pair.caption,
         },
     ]

@@ -56,9 +56,11 @@ class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
 def text_embeddings(
     clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
 ) -> torch.Tensor:
-    """The text tower's pooled output (EOS token, final layer norm) for each text: (N, D)."""
+    """The text tower's pooled output (EOS token, final layer norm) for each text: (N, D),
+    float32 on the CPU whatever device ``clip`` is on."""
     tokens = tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt")
-    return clip.text_model(input_ids=tokens.input_ids).pooler_output.float()
+    output = clip.text_model(input_ids=tokens.input_ids.to(clip.device))
+    return output.pooler_output.float().cpu()
 
 
 def attribute_phrase_embeddings(

@@ -8,7 +8,10 @@ loads a hub checkpoint or our tiny one alike.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -85,19 +88,21 @@ def build_conditioning_clip(
 def conditioning_clip_encoders(
     model: CLIPModel, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[Sequence[str]], torch.Tensor]]:
-    """(encode uint8 images, encode texts) -> L2-normalised embeddings, for evaluation."""
+    """(encode uint8 images, encode texts) -> L2-normalised float32 embeddings on the CPU,
+    for evaluation; inputs go to the model's device (the ``gpu`` catalog loads it on one)."""
     image_size = model.config.vision_config.image_size
 
     @torch.inference_mode()
     def encode_images(images: np.ndarray) -> torch.Tensor:
-        features = model.get_image_features(pixel_values=to_pixel_values(images, image_size))
-        return F.normalize(_pooled(features), dim=-1)
+        pixels = to_pixel_values(images, image_size).to(model.device, model.dtype)
+        features = model.get_image_features(pixel_values=pixels)
+        return F.normalize(_pooled(features).float(), dim=-1).cpu()
 
     @torch.inference_mode()
     def encode_texts(texts: Sequence[str]) -> torch.Tensor:
         tokens = tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt")
-        features = model.get_text_features(input_ids=tokens["input_ids"])
-        return F.normalize(_pooled(features), dim=-1)
+        features = model.get_text_features(input_ids=tokens["input_ids"].to(model.device))
+        return F.normalize(_pooled(features).float(), dim=-1).cpu()
 
     return encode_images, encode_texts
 
@@ -112,12 +117,18 @@ def _pooled(features: torch.Tensor | object) -> torch.Tensor:
 # ---- evaluation CLIP (open_clip) -------------------------------------------------------
 
 
+# open_clip's own hub layout, in which laion's checkpoints (e.g. the ``gpu`` environment's
+# ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``) ship their open_clip weights.
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
 class EvaluationClip(torch.nn.Module, PyTorchModelHubMixin):
     """An open_clip CLIP that saves and loads like a hub model (config + safetensors).
 
     ``model_cfg`` is an open_clip model config (``embed_dim``, ``vision_cfg``,
-    ``text_cfg``); a named pretrained open_clip model is loaded with
-    ``open_clip.create_model_and_transforms`` instead (the ``gpu`` environment).
+    ``text_cfg``). ``from_pretrained`` reads a directory this class saved, or a downloaded
+    open_clip hub directory (``open_clip_config.json`` + ``open_clip_model.safetensors``).
     """
 
     def __init__(self, model_cfg: dict) -> None:
@@ -126,6 +137,19 @@ class EvaluationClip(torch.nn.Module, PyTorchModelHubMixin):
         self.model = open_clip.CLIP(**model_cfg)
         self.context_length = model_cfg["text_cfg"]["context_length"]
         self.image_size = model_cfg["vision_cfg"]["image_size"]
+
+    @classmethod
+    def _from_pretrained(
+        cls, *, model_id: str, map_location: str = "cpu", **kwargs: Any
+    ) -> EvaluationClip:
+        directory = Path(model_id)
+        if not (directory / OPEN_CLIP_CONFIG).is_file():
+            return super()._from_pretrained(model_id=model_id, map_location=map_location, **kwargs)
+        config = json.loads((directory / OPEN_CLIP_CONFIG).read_text())
+        model = cls(config["model_cfg"])
+        # open_clip's loader (strict) also adapts state dicts of older open_clip versions.
+        open_clip.load_checkpoint(model.model, str(directory / OPEN_CLIP_WEIGHTS))
+        return model.to(map_location).eval()
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return open_clip.tokenize(list(texts), context_length=self.context_length)
@@ -170,18 +194,26 @@ def build_evaluation_clip(
 
 
 def evaluation_clip_encoders(
-    model: EvaluationClip,
+    model: EvaluationClip, batch_size: int = 1024
 ) -> tuple[Callable[[np.ndarray], torch.Tensor], Callable[[Sequence[str]], torch.Tensor]]:
-    """(encode uint8 images, encode texts) -> L2-normalised embeddings."""
+    """(encode uint8 images, encode texts) -> L2-normalised float32 embeddings on the CPU;
+    inputs go to the model's device, images ``batch_size`` at a time (a ViT-H-14 on a whole
+    benchmark's images at once would not fit in GPU memory)."""
+    parameter = next(model.parameters())
 
     @torch.inference_mode()
     def encode_images(images: np.ndarray) -> torch.Tensor:
-        pixels = to_pixel_values(images, model.image_size)
-        return F.normalize(model.model.encode_image(pixels), dim=-1)
+        embeddings = []
+        for start in range(0, len(images), batch_size):
+            pixels = to_pixel_values(images[start : start + batch_size], model.image_size)
+            features = model.model.encode_image(pixels.to(parameter.device, parameter.dtype))
+            embeddings.append(F.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(embeddings)
 
     @torch.inference_mode()
     def encode_texts(texts: Sequence[str]) -> torch.Tensor:
-        return F.normalize(model.model.encode_text(model.tokenize(texts)), dim=-1)
+        tokens = model.tokenize(texts).to(parameter.device)
+        return F.normalize(model.model.encode_text(tokens).float(), dim=-1).cpu()
 
     return encode_images, encode_texts
 

@@ -6,13 +6,15 @@ frozen CLIP text tower, noise added by a ``DDPMScheduler``, sampled with DDIM an
 classifier-free guidance. Pixel space, not latent: the agent world's stripes and dots are
 2 px wide at 32×32; a small f=2 ``AutoencoderKL`` blurred them (the oracle read the pattern
 of only 26% of its reconstructions) and its 16×16 UNet trained only ~1.3× faster (82 vs 61
-img/s on 2 cores). The sampler still takes an optional ``vae``, so a latent model (SD 1.5)
-samples through the same function.
+img/s on 2 cores). The sampler still takes an optional ``vae`` and ``encode_latents``
+gives a latent model's training samples, so a latent model (SD 1.5) trains and samples
+through the same functions.
 
 Public API:
 
 - ``build_unet``, ``build_noise_scheduler`` — the model and its training noise schedule.
 - ``encode_prompts`` — texts -> last hidden states (N, L, D) of a frozen CLIP text tower.
+- ``encode_latents`` — pictures -> a VAE's scaled latents, a latent UNet's clean samples.
 - ``diffusion_training_data`` — pixels plus precomputed caption embeddings, and the
   empty-prompt embedding that caption dropout swaps in.
 - ``DiffusionLoss`` — ``compute_loss(model, batch)`` for ``prefgen_kedro.training.train``.
@@ -138,6 +140,24 @@ def to_diffusion_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+@torch.no_grad()
+def encode_latents(
+    vae: AutoencoderKL, images: Sequence[np.ndarray] | np.ndarray, batch_size: int = 32
+) -> torch.Tensor:
+    """uint8 pictures (H, W, 3) -> float32 latents (N, C, H/f, W/f) on the CPU, scaled by
+    ``vae.config.scaling_factor``: what a latent UNet (SD 1.5) denoises, as its sampler's
+    ``vae`` decodes them. The posterior's mean, not a draw, so a training set made from the
+    same pictures is the same. Pictures are stacked one batch at a time, so a large set is
+    never held as float pixels."""
+    parameter = next(vae.parameters())
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = to_diffusion_pixels(np.stack(images[start : start + batch_size]))
+        posterior = vae.encode(pixels.to(parameter.device, parameter.dtype)).latent_dist
+        chunks.append((posterior.mean * vae.config.scaling_factor).float().cpu())
+    return torch.cat(chunks)
+
+
 def to_uint8_images(pixels: torch.Tensor) -> np.ndarray:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
     scaled = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round()
@@ -168,10 +188,10 @@ class DiffusionLoss:
     """``compute_loss(model, batch)``: the denoising MSE of the scheduler's prediction type
     (the unweighted MSE is also reported as the metric ``mse``).
 
-    ``batch`` holds ``pixel_values`` (the clean sample) and ``prompt_embeds`` (and the
-    ``user_keys`` of a user-conditioned model); each caption is replaced by
-    ``empty_prompt_embeds`` with probability ``caption_dropout``, which teaches the
-    unconditional model that classifier-free guidance needs. With
+    ``batch`` holds ``pixel_values`` (the clean sample: pixels, or ``encode_latents`` for a
+    latent UNet) and ``prompt_embeds`` (and the ``user_keys`` of a user-conditioned model);
+    each caption is replaced by ``empty_prompt_embeds`` with probability ``caption_dropout``,
+    which teaches the unconditional model that classifier-free guidance needs. With
     ``snr_gamma`` the per-sample loss is Min-SNR-γ weighted (Hang et al., 2023). All
     randomness is drawn from torch's global RNG, which the trainer checkpoints.
     """

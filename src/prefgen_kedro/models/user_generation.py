@@ -1,13 +1,18 @@
-"""Images for every compared method, and how the simulated users score them (DESIGN.md §5).
+"""Images for every compared method, and how users score them (DESIGN.md §5).
 
 The diffusion pipeline's validation and the evaluation pipeline's benchmark draw prompts,
-sample and score through these functions, so both measure the same thing. Public API:
-``draw_subject_prompts``, ``sample_methods``, ``generate``, ``viper_style_embeds``,
+sample and score through these functions, so both measure the same thing. Simulated users
+(the agent world) get subject-only prompts and the attribute oracle's verdicts; real users
+(Pick-a-Pic), whose taste is known only through their images, get the captions of their
+own held-out liked images as prompts and are scored by the MLLM judge and CLIP. Public API:
+``image_prompts``, ``held_out_likes``, ``draw_prompts``, ``draw_subject_prompts``,
+``sample_methods``, ``generate``, ``viper_style_embeds``, ``preference_scores``,
 ``oracle_preference``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,33 +20,150 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import PreTrainedTokenizerBase
 
+from prefgen_kedro.data.tables import LIKED
+from prefgen_kedro.models.clip import EvaluationClip, evaluation_clip_encoders
 from prefgen_kedro.models.diffusion import encode_prompts, sample
+from prefgen_kedro.models.metrics import clip_preference, clip_score
 from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.user_adapter import UserAdapter, install_user_adapter
 from prefgen_kedro.models.vqa import TASTE_QUESTION, parse_taste
+from prefgen_kedro.world.agent_world import SOURCE as RENDER_SOURCE
 from prefgen_kedro.world.users import SimulatedUser
 from prefgen_kedro.world.vocabulary import HEADS, subject_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def image_prompts(images: pd.DataFrame) -> pd.Series:
+    """Per image id, the prompt a user asks for to get that image: a render's subject-only
+    prompt ("a star": in the agent world the style is the user's taste, not the prompt's),
+    any other image's caption (Pick-a-Pic: what its user typed; its ``subject`` is that
+    same caption)."""
+    renders = (images["source"] == RENDER_SOURCE).to_numpy()
+    prompts = np.where(renders, images["subject"].map(subject_prompt), images["caption"])
+    return pd.Series(prompts, index=images["image_id"].to_numpy(), dtype=object)
+
+
+def held_out_likes(contexts: pd.DataFrame, interactions: pd.DataFrame) -> pd.DataFrame:
+    """For each row of ``contexts`` (``user_id``, ``liked``, ``disliked``), its user's liked
+    images outside that context, in history order, each once (a real user may like one image
+    in two pairs): columns ``row`` (the context's index label), ``user_id``, ``image_id``.
+    A condition made from the context never saw them, so they can be its training targets
+    or its held-out references."""
+    liked = interactions[interactions["label"] == LIKED].drop_duplicates(["user_id", "image_id"])
+    history = liked.groupby("user_id", sort=False)["image_id"].apply(list)
+    rows = []
+    for label, user_id, shown_liked, shown_disliked in zip(
+        contexts.index, contexts["user_id"], contexts["liked"], contexts["disliked"], strict=True
+    ):
+        # A real user can like an image in one pair and dislike it in another: a context
+        # shows it on either side.
+        shown = {*shown_liked, *shown_disliked}
+        rows += [(label, user_id, i) for i in history.get(user_id, []) if i not in shown]
+    return pd.DataFrame(rows, columns=["row", "user_id", "image_id"])
+
+
+def draw_prompts(
+    contexts: pd.DataFrame,
+    interactions: pd.DataFrame,
+    images: pd.DataFrame,
+    prompts_per_user: int,
+    seed: int,
+    *,
+    subject_only: bool,
+) -> pd.DataFrame:
+    """The cases every method samples, the same prompts and image seeds for all:
+    ``prompts_per_user`` per user of ``contexts`` (indexed by user id, with the ``liked`` and
+    ``disliked`` image ids of the context its condition comes from). Columns: ``user_id``,
+    ``case``, ``subject``, ``prompt``, ``seed`` and ``real_image_id``, a liked image of the
+    user outside that context (the ``real`` reference row).
+
+    ``subject_only`` (simulated users): subjects drawn with ``seed`` as in
+    ``draw_subject_prompts``, and the user's first held-out liked renders. Otherwise (real
+    users): held-out liked images with distinct, non-empty prompts drawn with ``seed``; each
+    case's prompt is its image's caption (``image_prompts``) and that image, the user's own
+    answer to the prompt, is its ``real_image_id``. Never an image of the context. Users
+    with too few such images are left out (logged); none left is an error."""
+    if prompts_per_user < 1:
+        raise ValueError(f"prompts_per_user must be >= 1, got {prompts_per_user}")
+    held_out = held_out_likes(contexts.rename_axis("user_id").reset_index(), interactions)
+    prompt_of = image_prompts(images)
+    if not subject_only:
+        held_out["prompt"] = prompt_of[held_out["image_id"]].to_numpy()
+        # Two cases of one caption would ask the same twice; an empty caption asks nothing.
+        held_out = held_out[held_out["prompt"].fillna("").str.strip().ne("")]
+        held_out = held_out.drop_duplicates(["user_id", "prompt"])
+    candidates = held_out.groupby("user_id", sort=False)["image_id"].apply(list)
+    users = [u for u in contexts.index if len(candidates.get(u, [])) >= prompts_per_user]
+    if not users:
+        raise ValueError(
+            f"no user has {prompts_per_user} liked images outside its context "
+            f"(prompts_per_user={prompts_per_user})"
+        )
+    if len(users) < len(contexts):
+        logger.warning(
+            "%d of %d users have fewer than %d liked images outside their context: left out",
+            len(contexts) - len(users),
+            len(contexts),
+            prompts_per_user,
+        )
+    if subject_only:
+        cases = draw_subject_prompts(users, prompts_per_user, seed)
+        return cases.assign(
+            real_image_id=[i for u in users for i in candidates[u][:prompts_per_user]]
+        )
+    rng = np.random.default_rng(seed)
+    real = [
+        candidates[u][j]
+        for u in users
+        for j in rng.choice(len(candidates[u]), prompts_per_user, replace=False)
+    ]
+    subject_of = images.set_index("image_id")["subject"]
+    return _cases(
+        users,
+        prompts_per_user,
+        seed,
+        subject=subject_of[real].tolist(),
+        prompt=prompt_of[real].tolist(),
+    ).assign(real_image_id=real)
 
 
 def draw_subject_prompts(user_ids: Sequence[str], prompts_per_user: int, seed: int) -> pd.DataFrame:
     """``prompts_per_user`` subjects per user, drawn with ``seed``, each with its own image
     seed; every method samples the same (subject, seed) pairs. Columns: ``user_id``,
-    ``case`` (0, 1, … within the user), ``subject``, ``seed``."""
+    ``case`` (0, 1, … within the user), ``subject``, ``prompt`` (the subject-only prompt),
+    ``seed``."""
     if prompts_per_user < 1:
         raise ValueError(f"prompts_per_user must be >= 1, got {prompts_per_user}")
     rng = np.random.default_rng(seed)
     subjects = list(HEADS["subject"])
     n = len(user_ids) * prompts_per_user
+    drawn = [subjects[i] for i in rng.integers(len(subjects), size=n)]
+    return _cases(
+        user_ids,
+        prompts_per_user,
+        seed,
+        subject=drawn,
+        prompt=[subject_prompt(s) for s in drawn],
+    )
+
+
+def _cases(
+    user_ids: Sequence[str], prompts_per_user: int, seed: int, **columns: list[str]
+) -> pd.DataFrame:
+    """``prompts_per_user`` rows per user (``case`` 0, 1, …) with ``columns``, each row with
+    its own image seed."""
+    n = len(user_ids) * prompts_per_user
     return pd.DataFrame(
         {
             "user_id": np.repeat(np.asarray(user_ids, dtype=object), prompts_per_user),
             "case": np.tile(np.arange(prompts_per_user), len(user_ids)),
-            "subject": [subjects[i] for i in rng.integers(len(subjects), size=n)],
+            **columns,
             "seed": [seed * 100_000 + i for i in range(n)],
         }
     )
@@ -73,27 +195,27 @@ def sample_methods(
     contexts: Mapping[str, PreferenceContext],
     viper_beta: float,
     sampling: Mapping[str, object],
+    vae: AutoencoderKL | None = None,
 ) -> MethodSamples:
     """One image per case for each method: ``base`` (the prompt alone), ``viper_style``
     (prompt arithmetic on the MLLM's reading of ``contexts``) or a trained user branch fed
-    the case's condition parts. ``cases`` has ``user_id``, ``subject``, ``seed`` and the
-    branches' part columns; every method samples the same subjects and seeds."""
+    the case's condition parts. ``cases`` has ``user_id``, ``prompt``, ``seed`` and the
+    branches' part columns; every method samples the same prompts and seeds. A latent
+    ``unet`` (SD 1.5) needs its ``vae``."""
     unknown = sorted(set(methods) - {*UNTRAINED_METHODS, *branches})
     if unknown:
         raise ValueError(
             f"cannot sample methods {unknown}: known are {[*UNTRAINED_METHODS, *branches]} "
             "(user branches come from diffusion.variants)"
         )
-    prompt_embeds = encode_prompts(
-        text_encoder, tokenizer, [subject_prompt(s) for s in cases["subject"]]
-    )
+    prompt_embeds = encode_prompts(text_encoder, tokenizer, cases["prompt"].tolist())
     empty = encode_prompts(text_encoder, tokenizer, [""])
     seeds = cases["seed"].tolist()
     samples = MethodSamples()
     for method in methods:
         started = time.perf_counter()
         if method == "base":
-            images = generate(unet, scheduler, prompt_embeds, empty, seeds, **sampling)
+            images = generate(unet, scheduler, prompt_embeds, empty, seeds, vae=vae, **sampling)
         elif method == "viper_style":
             embeds, samples.tastes = viper_style_embeds(
                 taste_reader,
@@ -104,7 +226,7 @@ def sample_methods(
                 tokenizer,
                 viper_beta,
             )
-            images = generate(unet, scheduler, embeds, empty, seeds, **sampling)
+            images = generate(unet, scheduler, embeds, empty, seeds, vae=vae, **sampling)
         else:
             adapter = branches[method]
             conditions = {
@@ -119,6 +241,7 @@ def sample_methods(
                 seeds,
                 adapter=adapter,
                 conditions=conditions,
+                vae=vae,
                 **sampling,
             )
         samples.images[method] = images
@@ -140,26 +263,30 @@ def generate(
     num_inference_steps: int,
     batch_size: int,
     mixed_precision: str = "no",
+    vae: AutoencoderKL | None = None,
 ) -> np.ndarray:
     """uint8 images from the base UNet, bare (``adapter=None``) or with a user branch fed
     ``conditions`` (one row per image for each of the adapter's parts). With a branch,
     guidance is compositional: ``guidance_scale`` on the prompt, ``user_guidance_scale`` on
     the user condition against the branch's all-zero ("no user") condition, which the
-    branch learned under user dropout."""
+    branch learned under user dropout. The adapter is moved to the UNet's device."""
     common = {
         "guidance_scale": guidance_scale,
         "num_inference_steps": num_inference_steps,
         "seeds": seeds,
         "batch_size": batch_size,
         "mixed_precision": mixed_precision,
+        "vae": vae,
     }
     if adapter is None:
         unet.set_attn_processor(AttnProcessor2_0())
         return sample(unet, scheduler, prompt_embeds, empty, **common)
     if conditions is None:
         raise ValueError("a user branch needs its conditions")
+    # Its key/values run inside the UNet's attention layers, on the UNet's device.
+    adapter.to(unet.device)
     install_user_adapter(unet, adapter)
-    parts = {part: conditions[part].float() for part in adapter.part_names}
+    parts = {part: conditions[part].float().to(unet.device) for part in adapter.part_names}
     with torch.inference_mode():
         tokens = adapter.tokens(parts)
         null = adapter.tokens({part: torch.zeros_like(v) for part, v in parts.items()})
@@ -197,6 +324,45 @@ def viper_style_embeds(
     liked = encode_prompts(text_encoder, tokenizer, [", ".join(tastes[u][0]) for u in user_ids])
     disliked = encode_prompts(text_encoder, tokenizer, [", ".join(tastes[u][1]) for u in user_ids])
     return prompt_embeds + beta * (liked - disliked), tastes
+
+
+def preference_scores(
+    images: np.ndarray,
+    prompts: Sequence[str],
+    user_ids: Sequence[str],
+    contexts: Mapping[str, PreferenceContext],
+    *,
+    evaluation_clip: EvaluationClip,
+    judge: MllmPreferenceModel,
+) -> pd.DataFrame:
+    """Per image, what any user allows measuring, simulated or real: ``clip_score`` (the
+    image against its prompt, evaluation CLIP), ``clip_i`` (its CLIP similarity to the
+    user's liked minus disliked context images) and ``judge_p_yes`` (the MLLM judge's P(yes)
+    that the user likes it, given the user's context). Image ``i`` belongs to
+    ``user_ids[i]``, whose context is ``contexts[user_ids[i]]``."""
+    if not len(images) == len(prompts) == len(user_ids):
+        raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(user_ids)} users")
+    encode_images, encode_texts = evaluation_clip_encoders(evaluation_clip.float().eval())
+    image_embeddings = encode_images(images)
+    text_embeddings = encode_texts(list(prompts))
+    sides = {
+        user_id: (
+            encode_images(np.stack(contexts[user_id].liked)),
+            encode_images(np.stack(contexts[user_id].disliked)),
+        )
+        for user_id in dict.fromkeys(user_ids)
+    }
+    return pd.DataFrame(
+        {
+            "clip_score": clip_score(image_embeddings, text_embeddings).numpy(),
+            "clip_i": clip_preference(
+                image_embeddings,
+                torch.stack([sides[u][0] for u in user_ids]),
+                torch.stack([sides[u][1] for u in user_ids]),
+            ).numpy(),
+            "judge_p_yes": judge.judge([contexts[u] for u in user_ids], list(images)).numpy(),
+        }
+    )
 
 
 def oracle_preference(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from itertools import chain
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,15 @@ from prefgen_kedro.models.mllm import PreferenceContext
 def load_pictures(raw_images: Mapping[str, Callable]) -> dict[str, np.ndarray]:
     """The ``raw_images`` partitions (image id → loader) as RGB uint8 arrays."""
     return {image_id: np.asarray(load().convert("RGB")) for image_id, load in raw_images.items()}
+
+
+def context_pictures(
+    contexts: pd.DataFrame, raw_images: Mapping[str, Callable], also: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+    """The pictures of ``contexts``' ``liked`` and ``disliked`` images and of ``also``, and
+    no others: a real-user image table need not fit in memory."""
+    wanted = {*chain(*contexts["liked"]), *chain(*contexts["disliked"]), *also}
+    return load_pictures({image_id: raw_images[image_id] for image_id in wanted})
 
 
 def preference_contexts(

@@ -28,6 +28,8 @@ from prefgen_kedro.world.vocabulary import (
     subject_prompt,
 )
 
+SOURCE = "agent"  # ``images.source`` of the renders (Pick-a-Pic's: ``data.pickapic.SOURCE``)
+
 
 @dataclass(frozen=True)
 class AgentWorld:
@@ -111,7 +113,7 @@ def generate_agent_world(
                     "caption": caption(subject, style),
                     "subject": subject,
                     "attributes": attribute_ids(style),
-                    "source": "agent",
+                    "source": SOURCE,
                     "seed": image_seed,
                 }
             )
@@ -137,7 +139,7 @@ def generate_agent_world(
     )
     interactions = pd.DataFrame(interaction_rows)
     report = {
-        "source": "agent",
+        "source": SOURCE,
         "users": n_users,
         "users_per_split": users_table["split"].value_counts().sort_index().to_dict(),
         "images": len(image_rows),

@@ -1,11 +1,19 @@
 """The ``diffusion`` pipeline on ``smoke``: conditions without copying, every variant
-trained and scored, the branch/bare step ratio measured."""
+trained and scored, the branch/bare step ratio measured; and its training node on a latent
+UNet with a VAE, as SD 1.5 in ``gpu``."""
 
 import json
 
+import numpy as np
 import pandas as pd
+import torch
+from diffusers import AutoencoderKL
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 
+from prefgen_kedro.models.diffusion import build_unet
 from prefgen_kedro.models.user_adapter import UserBranches
+from prefgen_kedro.pipelines.diffusion.nodes import train_user_branches
 
 
 def test_diffusion_runs_on_smoke(smoke_diffused):
@@ -44,3 +52,57 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
     assert steps["ratio_branch_to_bare"] > 0
     assert metrics["training"]["training_samples"] > 0
     assert (data / "08_reporting" / "user_branch_grid.png").stat().st_size > 0
+
+
+def test_user_branches_train_on_vae_latents_when_the_unet_is_a_latent_one(
+    smoke_diffused, smoke_project, tmp_path, monkeypatch
+):
+    """The node SD 1.5 goes through in ``gpu``: a latent UNet and its VAE (tiny here), on
+    the smoke run's conditions and pictures."""
+    monkeypatch.chdir(smoke_project)
+    bootstrap_project(smoke_project)
+    with KedroSession.create(project_path=smoke_project, env="smoke") as session:
+        context = session.load_context()
+        catalog, params = context.catalog, context.params["diffusion"]
+    clip = catalog.load("conditioning_clip")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    )
+    picture = next(iter(catalog.load("raw_images").values()))()
+    unet = build_unet(
+        sample_size=picture.width // 2,  # the VAE halves the side
+        in_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        cross_attention_dim=clip.config.text_config.hidden_size,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        seed=0,
+    )
+    params = params.model_copy(
+        update={
+            "variants": {"prefgen": ["e_sem_hat", "e_core", "e_img"]},
+            "checkpoint_root": str(tmp_path),
+            "train": params.train.model_copy(update={"max_steps": 1}),
+        }
+    )
+    branches, report = train_user_branches(
+        catalog.load("user_conditions"),
+        catalog.load("images"),
+        catalog.load("interactions"),
+        catalog.load("raw_images"),
+        unet,
+        vae,
+        catalog.load("noise_scheduler"),
+        clip,
+        catalog.load("clip_tokenizer"),
+        params,
+    )
+    assert set(branches.adapters) == {"prefgen"}
+    assert report["variants"]["prefgen"]["steps"] == 1
+    assert np.isfinite(report["variants"]["prefgen"]["learning_curve"][-1]["loss"])

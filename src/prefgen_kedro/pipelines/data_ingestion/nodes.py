@@ -31,6 +31,8 @@ class PickapicParams(StrictParams):
     split_fractions: dict[Literal["train", "val", "test"], float]
     seed: int
     batch_size: int = Field(gt=0)
+    workers: int = Field(ge=1)
+    work_dir: str | None
 
 
 class DataIngestionParams(StrictParams):
@@ -59,4 +61,6 @@ def ingest(
         split_fractions=params.pickapic.split_fractions,
         seed=params.pickapic.seed,
         batch_size=params.pickapic.batch_size,
+        workers=params.pickapic.workers,
+        work_dir=params.pickapic.work_dir,
     )

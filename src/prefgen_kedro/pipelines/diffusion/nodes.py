@@ -4,8 +4,9 @@ comparison conditioners trained by the same recipe.
 Each variant reads some parts of a user's condition (``variants`` in the parameters):
 PrefGen ``[ê_sem; e_core; e_img]``, its ablations, ``ip_adapter`` (``e_img``) and
 ``mean_clip`` (the mean CLIP embedding of the liked context). A training sample is one of a
-training user's liked images, its subject-only prompt, and the condition computed from a
-context of that user that does *not* contain the image (DESIGN.md: no copying).
+training user's liked images, its prompt (subject-only for a render, the caption for a
+real image), and the condition computed from a context of that user that does *not* contain
+the image (DESIGN.md: no copying).
 """
 
 from __future__ import annotations
@@ -17,18 +18,18 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.alignment import AlignmentMlp, attribute_phrase_embeddings
 from prefgen_kedro.models.batches import TensorDictDataset
-from prefgen_kedro.models.clip import conditioning_clip_encoders
+from prefgen_kedro.models.clip import EvaluationClip, conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
     DiffusionLoss,
+    encode_latents,
     encode_prompts,
     sample_grid,
     to_diffusion_pixels,
@@ -42,15 +43,22 @@ from prefgen_kedro.models.user_adapter import (
     choose_image_embedding,
 )
 from prefgen_kedro.models.user_generation import (
-    draw_subject_prompts,
+    draw_prompts,
+    held_out_likes,
+    image_prompts,
     oracle_preference,
+    preference_scores,
     sample_methods,
 )
 from prefgen_kedro.pipelines.params import StrictParams
-from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
+from prefgen_kedro.pipelines.pictures import (
+    context_pictures,
+    load_pictures,
+    preference_contexts,
+)
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, subject_prompt
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_sem")
 # A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
@@ -81,17 +89,25 @@ class ViperStyleParams(StrictParams):
 
 class DiffusionParams(StrictParams):
     checkpoint_root: str
-    variants: dict[str, list[str]]
+    # null turns a variant off: an environment cannot delete base's keys (soft merging).
+    variants: dict[str, list[str] | None]
     tokens_per_part: int = Field(ge=1)
     text_space_parts: list[str]  # fed as tokens unchanged (see UserAdapter)
     e_img: str
     caption_dropout: float = Field(ge=0.0, le=1.0)
     user_dropout: float = Field(ge=0.0, le=1.0)
     snr_gamma: float | None
+    # Recompute the frozen UNet's activations in the backward pass (SD 1.5 at 512 px).
+    gradient_checkpointing: bool = False
     train: TrainConfig
     sampling: UserSamplingParams
     validation: ValidationParams
     viper_style: ViperStyleParams
+
+    @property
+    def active_variants(self) -> dict[str, list[str]]:
+        """The variants to train: name → the parts of the condition it reads."""
+        return {name: parts for name, parts in self.variants.items() if parts is not None}
 
 
 def make_user_conditions(
@@ -107,16 +123,16 @@ def make_user_conditions(
 ) -> pd.DataFrame:
     """Every part of every user's condition, for each of its contexts (context 0 is the
     canonical one the evaluation uses); in the agent world also ``true_sem``."""
-    wanted = {part for parts in params.variants.values() for part in parts}
+    wanted = {part for parts in params.active_variants.values() for part in parts}
     unknown = wanted - set(PARTS)
     if unknown:
         raise ValueError(f"diffusion.variants name unknown parts {sorted(unknown)}; known: {PARTS}")
     agent_world = tastes_are_known(users)
     if TRUE_SEM in wanted and not agent_world:
         raise ValueError(f"diffusion.variants name {TRUE_SEM!r}, which only simulated users have")
-    pictures = load_pictures(raw_images)
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
     merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
+    pictures = context_pictures(merged, raw_images)
     e_sem = torch.from_numpy(np.stack(merged["e_sem"].to_list())).float()
     with torch.inference_mode():
         e_sem_hat, e_sem_hat_no_mmd = aligner.eval()(e_sem), aligner_no_mmd.eval()(e_sem)
@@ -162,20 +178,30 @@ def train_user_branches(
     interactions: pd.DataFrame,
     raw_images: Mapping[str, Callable],
     base_unet: UNet2DConditionModel,
+    base_vae: AutoencoderKL | None,
     noise_scheduler: DDPMScheduler,
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
     params: DiffusionParams,
 ) -> tuple[UserBranches, dict]:
-    """Train one adapter per variant on the frozen base UNet; report step times."""
+    """Train one adapter per variant on the frozen base UNet (on the latents of
+    ``base_vae`` when the UNet is a latent one, e.g. SD 1.5); report step times."""
     dataset = _training_set(
-        user_conditions, images, interactions, raw_images, conditioning_clip, clip_tokenizer
+        user_conditions,
+        images,
+        interactions,
+        raw_images,
+        conditioning_clip,
+        clip_tokenizer,
+        base_vae,
     )
     text_encoder = conditioning_clip.text_model.float().eval()
     empty = encode_prompts(text_encoder, clip_tokenizer, [""])
     unet = base_unet.float()
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
-    for name, parts in params.variants.items():
+    for name, parts in params.active_variants.items():
         torch.manual_seed(params.train.seed)
         text_space = [part for part in parts if part in params.text_space_parts]
         adapter = UserAdapter.for_unet(
@@ -222,10 +248,14 @@ def evaluate_user_branches(
     user_branches: UserBranches,
     user_conditions: pd.DataFrame,
     users: pd.DataFrame,
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
     base_unet: UNet2DConditionModel,
+    base_vae: AutoencoderKL | None,
     noise_scheduler: DDPMScheduler,
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
+    evaluation_clip: EvaluationClip,
     attribute_oracle: AttributeOracle,
     tuned_mllm: PreTrainedModel,
     mllm_processor: ProcessorMixin,
@@ -233,18 +263,26 @@ def evaluate_user_branches(
     training_report: dict,
     params: DiffusionParams,
 ) -> tuple[dict, Image.Image]:
-    """Oracle like-rate and subject accuracy of each branch, of the bare base model and of
-    ``viper_style`` on the validation users' canonical contexts, sampling images/s, and a
+    """Each branch, the bare base model and ``viper_style`` on the validation users'
+    canonical contexts (the prompts of ``draw_prompts``): per method the oracle like-rate,
+    mean utility and subject accuracy for simulated users, the MLLM judge's P(yes), CLIP
+    score and CLIP-I for real ones (whose taste no oracle knows); sampling images/s; and a
     grid of a few users. (The benchmark on test users is the ``evaluation`` pipeline.)"""
+    agent_world = tastes_are_known(users)
     validation = user_conditions[
         (user_conditions["split"] == "val") & (user_conditions["context"] == 0)
     ].set_index("user_id")
-    cases = draw_subject_prompts(
-        list(validation.index), params.validation.prompts_per_user, params.validation.seed
-    )
-    cases = cases.join(validation, on="user_id")
-    oracle = attribute_oracle.float().eval()
-    simulated = simulated_users(users, cases["user_id"])
+    cases = draw_prompts(
+        validation,
+        interactions,
+        images,
+        params.validation.prompts_per_user,
+        params.validation.seed,
+        subject_only=agent_world,
+    ).join(validation, on="user_id")
+    canonical = validation.loc[cases["user_id"].unique()]
+    contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
+    reader = preference_reader(tuned_mllm, mllm_processor, params.viper_style)
     samples = sample_methods(
         ["base", *user_branches.adapters, "viper_style"],
         cases,
@@ -253,20 +291,34 @@ def evaluate_user_branches(
         text_encoder=conditioning_clip.text_model.float().eval(),
         tokenizer=clip_tokenizer,
         branches=user_branches.adapters,
-        taste_reader=preference_reader(tuned_mllm, mllm_processor, params.viper_style),
-        contexts=preference_contexts(validation, load_pictures(raw_images)),
+        taste_reader=reader,
+        contexts=contexts,
         viper_beta=params.viper_style.beta,
         sampling=params.sampling.model_dump(),
+        vae=base_vae,
     )
-    metrics: dict = {"users": len(validation), "images_per_method": len(cases)}
-    for method, images in samples.images.items():
-        scores = oracle_preference(oracle, images, cases["subject"].tolist(), simulated)
-        metrics[method] = {
-            "like_rate": float(scores["liked"].mean()),
-            "mean_utility": float(scores["utility"].mean()),
-            "subject_accuracy": float(scores["subject_correct"].mean()),
-            "images_per_second": samples.images_per_second[method],
-        }
+    oracle = attribute_oracle.float().eval()
+    simulated = simulated_users(users, cases["user_id"]) if agent_world else []
+    metrics: dict = {"users": len(canonical), "images_per_method": len(cases)}
+    for method, generated in samples.images.items():
+        if agent_world:
+            scores = oracle_preference(oracle, generated, cases["subject"].tolist(), simulated)
+            found = {
+                "like_rate": float(scores["liked"].mean()),
+                "mean_utility": float(scores["utility"].mean()),
+                "subject_accuracy": float(scores["subject_correct"].mean()),
+            }
+        else:
+            scores = preference_scores(
+                generated,
+                cases["prompt"].tolist(),
+                cases["user_id"].tolist(),
+                contexts,
+                evaluation_clip=evaluation_clip,
+                judge=reader,
+            )
+            found = {column: float(value) for column, value in scores.mean().items()}
+        metrics[method] = {**found, "images_per_second": samples.images_per_second[method]}
     metrics["viper_style"]["taste_answers_read"] = float(
         np.mean([bool(liked or disliked) for liked, disliked in samples.tastes.values()])
     )
@@ -274,11 +326,11 @@ def evaluate_user_branches(
         " | ".join(map(", ".join, taste)) for taste in list(samples.tastes.values())[:4]
     ]
     metrics["training"] = training_report
-    shown = params.validation.grid_users
+    grid_cases = cases["subject"][: params.validation.grid_users]
     grid = sample_grid(
-        np.concatenate([images[:shown] for images in samples.images.values()]),
+        np.concatenate([generated[: len(grid_cases)] for generated in samples.images.values()]),
         None,
-        [f"{name}: {subject}" for name in samples.images for subject in cases["subject"][:shown]],
+        [f"{name}: {subject}" for name in samples.images for subject in grid_cases],
     )
     return metrics, grid
 
@@ -305,30 +357,30 @@ def _training_set(
     raw_images: Mapping[str, Callable],
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
+    vae: AutoencoderKL | None,
 ) -> TensorDictDataset:
-    """One sample per (training user's context, liked image of that user outside it)."""
-    liked = interactions[interactions["label"] == LIKED].groupby("user_id")["image_id"].apply(list)
-    subject = images.set_index("image_id")["subject"]
-    rows, targets = [], []
-    for row in user_conditions[user_conditions["split"] == "train"].itertuples():
-        shown = set(row.liked) | set(row.disliked)
-        for image_id in liked.get(row.user_id, []):
-            if image_id not in shown:
-                rows.append(row.Index)
-                targets.append(image_id)
-    if not targets:
+    """One sample per (training user's context, liked image of that user outside it), with
+    the image's prompt (``image_prompts``: a render's subject-only prompt, a real image's
+    caption); the clean sample is the image's pixels, or its latents when the UNet has a
+    ``vae``."""
+    likes = held_out_likes(user_conditions[user_conditions["split"] == "train"], interactions)
+    if likes.empty:
         raise ValueError("no training user has a liked image outside its contexts")
-    pictures = load_pictures(raw_images)
-    subjects = sorted(set(subject[targets]))
-    text = encode_prompts(
-        conditioning_clip.text_model.float().eval(),
-        clip_tokenizer,
-        [subject_prompt(s) for s in subjects],
-    )
-    chosen = user_conditions.loc[rows]
+    targets = likes["image_id"].tolist()
+    pictures = load_pictures({i: raw_images[i] for i in set(targets)})
+    prompt_of = image_prompts(images)[targets]
+    prompts = sorted(set(prompt_of))
+    text = encode_prompts(conditioning_clip.text_model.float().eval(), clip_tokenizer, prompts)
+    position = {prompt: k for k, prompt in enumerate(prompts)}
+    chosen = user_conditions.loc[likes["row"]]
+    liked_pictures = [pictures[i] for i in targets]
+    if vae is None:
+        clean = to_diffusion_pixels(np.stack(liked_pictures))
+    else:
+        clean = encode_latents(vae.eval(), liked_pictures)
     return TensorDictDataset(
-        pixel_values=to_diffusion_pixels(np.stack([pictures[i] for i in targets])),
-        prompt_embeds=text[[subjects.index(subject[i]) for i in targets]],
+        pixel_values=clean,
+        prompt_embeds=text[[position[prompt] for prompt in prompt_of]],
         **{
             part: torch.from_numpy(np.stack(chosen[part].to_list())).float()
             for part in PARTS
@@ -342,7 +394,9 @@ def _step_times(
 ) -> dict[str, float]:
     """Seconds per training step: a branch (UNet frozen) vs the bare UNet trained fully, on
     the same batch, a few steps each after one warm-up (the branch's overhead)."""
-    batch = {k: v[: params.train.batch_size] for k, v in dataset.tensors.items()}
+    # The trainer left the UNet on its device (a GPU in ``gpu``).
+    device = unet.device
+    batch = {k: v[: params.train.batch_size].to(device) for k, v in dataset.tensors.items()}
     name, adapter = next(iter(adapters.items()))
     timed = {}
     for label, model, keys in (
@@ -359,7 +413,7 @@ def _step_times(
             if step == 1:
                 started = time.perf_counter()
             with torch.autocast(
-                "cpu", dtype=torch.bfloat16, enabled=params.train.mixed_precision == "bf16"
+                device.type, dtype=torch.bfloat16, enabled=params.train.mixed_precision == "bf16"
             ):
                 value, _ = loss(model, batch)
             value.backward()

@@ -1,9 +1,10 @@
 """Nodes of ``evaluation``: the benchmark of DESIGN.md §5 on held-out test users.
 
-Every method draws the same (subject, seed) pairs for each test user's canonical context;
-``real`` (the user's own held-out liked renders) is a reference row, not a method. Each
-image is scored per user (oracle, CLIP, judge), FID/KID are computed per method against the
-renders of other users, and every figure gets a bootstrap interval over users.
+Every method draws the same (prompt, seed) pairs for each test user's canonical context;
+``real`` (the user's own held-out liked images) is a reference row, not a method. Each
+image is scored per user (CLIP, judge, and the oracle where tastes are known), FID/KID are
+computed per method against the images of other users, and every figure gets a bootstrap
+interval over users.
 """
 
 from __future__ import annotations
@@ -14,38 +15,41 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pandas as pd
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from matplotlib.figure import Figure
 from PIL import Image
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from prefgen_kedro.data.tables import LIKED
-from prefgen_kedro.models.clip import EvaluationClip, evaluation_clip_encoders
+from prefgen_kedro.models.clip import EvaluationClip
 from prefgen_kedro.models.fid import ReferenceStatistics, inception_features
 from prefgen_kedro.models.metrics import (
     bootstrap_ci,
     bootstrap_set_statistic,
-    clip_preference,
-    clip_score,
     per_user_wins,
 )
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.probes import fit_linear_probe, mean_auc
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.models.user_generation import (
-    draw_subject_prompts,
+    draw_prompts,
+    image_prompts,
     oracle_preference,
+    preference_scores,
     sample_methods,
 )
 from prefgen_kedro.models.vqa import counting_rule_score
 from prefgen_kedro.pipelines.diffusion.nodes import DiffusionParams, preference_reader
 from prefgen_kedro.pipelines.params import StrictParams
-from prefgen_kedro.pipelines.pictures import load_pictures, preference_contexts
+from prefgen_kedro.pipelines.pictures import (
+    context_pictures,
+    load_pictures,
+    preference_contexts,
+)
 from prefgen_kedro.pipelines.probing.nodes import probe_figure
 from prefgen_kedro.report import Report, labelled_rows, metric_table
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, subject_prompt
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 REAL = "real"
 
@@ -74,29 +78,30 @@ class EvaluationParams(StrictParams):
 
 
 def make_evaluation_cases(
-    user_conditions: pd.DataFrame, interactions: pd.DataFrame, params: EvaluationParams
+    user_conditions: pd.DataFrame,
+    users: pd.DataFrame,
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
+    params: EvaluationParams,
 ) -> pd.DataFrame:
     """One row per (test user, prompt): the user's canonical context and condition parts,
-    the subject and seed every method samples, and a held-out liked render of the user for
-    the ``real`` row."""
+    the prompt and seed every method samples, and a held-out liked image of the user for
+    the ``real`` row (``draw_prompts``: subject-only prompts for simulated users, held-out
+    liked images' captions for real ones)."""
     canonical = user_conditions[
         (user_conditions["split"] == params.split) & (user_conditions["context"] == 0)
     ].set_index("user_id")
     if canonical.empty:
         raise ValueError(f"user_conditions has no canonical context of a {params.split!r} user")
-    cases = draw_subject_prompts(list(canonical.index), params.prompts_per_user, params.seed)
-    liked = interactions[interactions["label"] == LIKED].groupby("user_id")["image_id"].apply(list)
-    real = []
-    for user_id, row in canonical.iterrows():
-        in_context = set(row["liked"])
-        held_out = [i for i in liked.get(user_id, []) if i not in in_context]
-        if len(held_out) < params.prompts_per_user:
-            raise ValueError(
-                f"user {user_id} has {len(held_out)} liked images outside its context; "
-                f"evaluation.prompts_per_user={params.prompts_per_user} needs that many"
-            )
-        real += held_out[: params.prompts_per_user]
-    return cases.join(canonical, on="user_id").assign(real_image_id=real)
+    cases = draw_prompts(
+        canonical,
+        interactions,
+        images,
+        params.prompts_per_user,
+        params.seed,
+        subject_only=tastes_are_known(users),
+    )
+    return cases.join(canonical, on="user_id")
 
 
 def generate_images(
@@ -104,6 +109,7 @@ def generate_images(
     user_branches: UserBranches,
     images: pd.DataFrame,
     base_unet: UNet2DConditionModel,
+    base_vae: AutoencoderKL | None,
     noise_scheduler: DDPMScheduler,
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
@@ -113,10 +119,11 @@ def generate_images(
     diffusion: DiffusionParams,
     params: EvaluationParams,
 ) -> tuple[pd.DataFrame, dict[str, Image.Image], dict]:
-    """Every method's image for every case (same subjects and seeds), plus the ``real``
+    """Every method's image for every case (same prompts and seeds), plus the ``real``
     row; returns the ``generations`` table, the images keyed ``method/user_case`` and a
     report of sampling speed and what ``viper_style`` read."""
-    pictures = load_pictures(raw_images)
+    canonical = evaluation_cases.drop_duplicates("user_id").set_index("user_id")
+    pictures = context_pictures(canonical, raw_images, evaluation_cases["real_image_id"])
     samples = sample_methods(
         params.methods,
         evaluation_cases,
@@ -126,11 +133,10 @@ def generate_images(
         tokenizer=clip_tokenizer,
         branches=user_branches.adapters,
         taste_reader=preference_reader(tuned_mllm, mllm_processor, diffusion.viper_style),
-        contexts=preference_contexts(
-            evaluation_cases.drop_duplicates("user_id").set_index("user_id"), pictures
-        ),
+        contexts=preference_contexts(canonical, pictures),
         viper_beta=diffusion.viper_style.beta,
         sampling=diffusion.sampling.model_dump(),
+        vae=base_vae,
     )
     report = {
         "cases": len(evaluation_cases),
@@ -141,10 +147,17 @@ def generate_images(
         },
     }
     generated = dict(samples.images)
-    generated[REAL] = np.stack([pictures[i] for i in evaluation_cases["real_image_id"]])
+    # At the generated size: a latent UNet's images (SD 1.5: 512 px) can be larger than the
+    # ingested ones (Pick-a-Pic: 256 px), and every scorer takes one stack of images.
+    height, width = next(iter(generated.values())).shape[1:3]
+    generated[REAL] = np.stack(
+        [_resized(pictures[i], width, height) for i in evaluation_cases["real_image_id"]]
+    )
     subject_of = images.set_index("image_id")["subject"]
+    prompt_of = image_prompts(images)
     rows, files = [], {}
     for method, pixels in generated.items():
+        real = method == REAL
         for case, picture in zip(evaluation_cases.itertuples(), pixels, strict=True):
             key = f"{method}/{case.user_id}_{case.case}"
             files[key] = Image.fromarray(picture)
@@ -153,12 +166,19 @@ def generate_images(
                     "method": method,
                     "user_id": case.user_id,
                     "case": case.case,
-                    "subject": subject_of[case.real_image_id] if method == REAL else case.subject,
-                    "seed": None if method == REAL else case.seed,
+                    "subject": subject_of[case.real_image_id] if real else case.subject,
+                    "prompt": prompt_of[case.real_image_id] if real else case.prompt,
+                    "seed": None if real else case.seed,
                     "image": key,
                 }
             )
     return pd.DataFrame(rows), files, report
+
+
+def _resized(picture: np.ndarray, width: int, height: int) -> np.ndarray:
+    if picture.shape[:2] == (height, width):
+        return picture
+    return np.asarray(Image.fromarray(picture).resize((width, height), Image.Resampling.LANCZOS))
 
 
 def score_generations(
@@ -175,36 +195,22 @@ def score_generations(
     params: EvaluationParams,
 ) -> pd.DataFrame:
     """Per image: CLIP score (prompt vs image), CLIP-I (liked minus disliked context), the
-    MLLM judge's P(yes) given the user's context, and in the agent world the oracle's
-    utility, liked verdict and subject check."""
+    MLLM judge's P(yes) given the user's context (``preference_scores``), and in the agent
+    world the oracle's utility, liked verdict and subject check."""
     pixels = _pictures_of(generations, generated_images)
-    pictures = load_pictures(raw_images)
     canonical = evaluation_cases.drop_duplicates("user_id").set_index("user_id")
-    encode_images, encode_texts = evaluation_clip_encoders(evaluation_clip.float().eval())
-    image_embeddings = encode_images(pixels)
-    text_embeddings = encode_texts([subject_prompt(s) for s in generations["subject"]])
-    context = {
-        user_id: (
-            encode_images(np.stack([pictures[i] for i in row.liked])),
-            encode_images(np.stack([pictures[i] for i in row.disliked])),
-        )
-        for user_id, row in canonical.iterrows()
-    }
     judge = preference_reader(
         tuned_mllm, mllm_processor, diffusion.viper_style, params.judge_batch_size
     )
-    contexts = preference_contexts(canonical[["liked", "disliked"]], pictures)
-    scores = generations.assign(
-        clip_score=clip_score(image_embeddings, text_embeddings).numpy(),
-        clip_i=clip_preference(
-            image_embeddings,
-            torch.stack([context[u][0] for u in generations["user_id"]]),
-            torch.stack([context[u][1] for u in generations["user_id"]]),
-        ).numpy(),
-        judge_p_yes=judge.judge(
-            [contexts[u] for u in generations["user_id"]], list(pixels)
-        ).numpy(),
+    found = preference_scores(
+        pixels,
+        generations["prompt"].tolist(),
+        generations["user_id"].tolist(),
+        preference_contexts(canonical, context_pictures(canonical, raw_images)),
+        evaluation_clip=evaluation_clip,
+        judge=judge,
     )
+    scores = pd.concat([generations, found.set_index(generations.index)], axis=1)
     if not tastes_are_known(users):
         return scores
     oracle = oracle_preference(
@@ -379,14 +385,34 @@ def write_benchmark_report(
     ablations = [m for m in metrics["method"].unique() if m.startswith(f"{ours}_")]
     contenders = [m for m in methods if m not in (REAL, *params.references)]
     n_users = evaluation_cases["user_id"].nunique()
+    measured = set(metrics["metric"])
+    # Real users have no oracle: its columns are left out rather than shown empty.
+    preference_columns = {k: v for k, v in PREFERENCE_COLUMNS.items() if k in measured}
+    fidelity_columns = {k: v for k, v in FIDELITY_COLUMNS.items() if k in measured}
+    simulated = "like_rate" in measured
+    prompts, drawn, reference_kind = (
+        ("subject-only prompts", "subjects", "renders")
+        if simulated
+        else (
+            "prompts, each the caption of one of the user's liked images outside its context",
+            "prompts",
+            "images",
+        )
+    )
+    real_row = (
+        "each user's own held-out liked renders: a ceiling for the preference columns"
+        if simulated
+        else "the liked image each prompt is the caption of, the user's own choice for it: "
+        "a reference for every column"
+    )
     report = Report("PrefGen benchmark")
     report.paragraph(
         f"Made by `{run_info['command']}` (Kedro env `{run_info['env']}`) on "
         f"{run_info['started']}. {n_users} held-out `{params.split}` users, each with its "
         f"canonical context of {len(evaluation_cases['liked'].iloc[0])} liked + "
         f"{len(evaluation_cases['disliked'].iloc[0])} disliked images and "
-        f"{params.prompts_per_user} subject-only prompts: {len(evaluation_cases)} images per "
-        f"method, the same subjects and seeds for every method (prompt seed {params.seed}). "
+        f"{params.prompts_per_user} {prompts}: {len(evaluation_cases)} images per method, "
+        f"the same {drawn} and seeds for every method (prompt seed {params.seed}). "
         f"Sampling: DDIM {diffusion.sampling.num_inference_steps} steps, prompt guidance "
         f"{diffusion.sampling.guidance_scale}, user guidance "
         f"{diffusion.sampling.user_guidance_scale}, {diffusion.sampling.mixed_precision} "
@@ -394,11 +420,11 @@ def write_benchmark_report(
         f"({params.bootstrap.resamples} resamples; FID/KID {params.bootstrap.set_resamples}, "
         "moved by the bootstrap's bias estimate; "
         f"bootstrap seed {params.bootstrap.seed}). FID/KID: standard FID Inception, against "
-        f"{params.fid_reference_size} renders of the `{params.fid_reference_split}` users; "
+        f"{params.fid_reference_size} {reference_kind} of the `{params.fid_reference_split}` "
+        "users; "
         "with this few images FID "
         "carries a large small-sample bias, so compare methods with each other, not with "
-        "published FIDs. `real` is each user's own held-out liked renders: a ceiling for the "
-        "preference columns, not a method."
+        f"published FIDs. `real` is {real_row}, not a method."
         + (
             " `oracle_taste` is the user branch fed a perfect ê_sem (the text-space states of "
             "the simulated user's liked-attribute phrases): what the branch makes of perfect "
@@ -409,9 +435,9 @@ def write_benchmark_report(
         + " Bold: best among methods."
     )
     report.heading("Preference alignment")
-    report.table(*metric_table(metrics, methods, PREFERENCE_COLUMNS, contenders))
+    report.table(*metric_table(metrics, methods, preference_columns, contenders))
     report.heading("Fidelity and prompt adherence")
-    report.table(*metric_table(metrics, methods, FIDELITY_COLUMNS, contenders))
+    report.table(*metric_table(metrics, methods, fidelity_columns, contenders))
     report.paragraph(_verdict(metrics, ours))
     win = f"win_rate_of_{ours}"
     if win in set(metrics["metric"]):
@@ -420,7 +446,7 @@ def write_benchmark_report(
         report.table(*metric_table(metrics, others, {win: (f"{ours} wins %", True, 100)}, []))
     if ablations:
         report.heading("Ablations")
-        columns = {**PREFERENCE_COLUMNS, **FIDELITY_COLUMNS}
+        columns = {**preference_columns, **fidelity_columns}
         report.table(*metric_table(metrics, [ours, *ablations], columns))
     if "judge_oracle_agreement" in set(metrics["metric"]):
         report.heading("How far to trust the judge")

@@ -18,7 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 make_evaluation_cases,
-                ["user_conditions", "interactions", "params:evaluation"],
+                ["user_conditions", "users", "images", "interactions", "params:evaluation"],
                 "evaluation_cases",
                 name="make_evaluation_cases",
             ),
@@ -29,6 +29,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "user_branches",
                     "images",
                     "base_unet",
+                    "base_vae",
                     "noise_scheduler",
                     "conditioning_clip",
                     "clip_tokenizer",
