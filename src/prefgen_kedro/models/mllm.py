@@ -618,10 +618,13 @@ class MllmPreferenceModel:
         (N, n_layers + 1, width), float32 on the CPU. Without queries, a ``question`` other
         than the default ends the prompt (e.g. ``TASTE_QUESTION``: the states the model
         answers the user's taste from)."""
+        # logits_to_keep=1: the vocabulary logits of every position are never read here (on
+        # Qwen2-VL-2B they would be most of the memory).
         states = [
-            torch.stack(self.model(**batch, output_hidden_states=True).hidden_states, dim=1)[
-                :, :, -1
-            ]
+            torch.stack(
+                self.model(**batch, output_hidden_states=True, logits_to_keep=1).hidden_states,
+                dim=1,
+            )[:, :, -1]
             for batch in self._batches(contexts, queries, question)
         ]
         return torch.cat(states).float().cpu()
