@@ -106,11 +106,14 @@ def draw_prompts(
             f"(prompts_per_user={prompts_per_user})"
         )
     if len(users) < len(contexts):
+        kept = set(users)
+        left_out = [u for u in contexts.index if u not in kept]
         logger.warning(
-            "%d of %d users have fewer than %d liked images outside their context: left out",
-            len(contexts) - len(users),
+            "%d of %d users have fewer than %d liked images outside their context, left out: %s",
+            len(left_out),
             len(contexts),
             prompts_per_user,
+            ", ".join(map(str, left_out[:10])) + (" …" if len(left_out) > 10 else ""),
         )
     if subject_only:
         cases = draw_subject_prompts(users, prompts_per_user, seed)

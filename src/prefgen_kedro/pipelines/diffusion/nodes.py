@@ -60,11 +60,11 @@ from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
-PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_sem")
 # A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
 # (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
 # only, never a method.
 TRUE_SEM = "true_sem"
+PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", TRUE_SEM)
 
 
 class UserSamplingParams(StrictParams):
@@ -297,8 +297,9 @@ def evaluate_user_branches(
         sampling=params.sampling.model_dump(),
         vae=base_vae,
     )
-    oracle = attribute_oracle.float().eval()
-    simulated = simulated_users(users, cases["user_id"]) if agent_world else []
+    if agent_world:
+        oracle = attribute_oracle.float().eval()
+        simulated = simulated_users(users, cases["user_id"])
     metrics: dict = {"users": len(canonical), "images_per_method": len(cases)}
     for method, generated in samples.images.items():
         if agent_world:
