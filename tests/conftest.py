@@ -15,6 +15,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPModel,
     PreTrainedTokenizerFast,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
@@ -23,6 +24,7 @@ from transformers import (
 
 from prefgen_kedro.data.pickapic import SOURCE
 from prefgen_kedro.data.tables import IMAGES_COLUMNS, INTERACTIONS_COLUMNS, USERS_COLUMNS
+from prefgen_kedro.models.clip import build_conditioning_clip
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +187,30 @@ QWEN2_VL_CHAT_TEMPLATE = (
     "{% endfor %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@pytest.fixture(scope="session")
+def make_conditioning_clip() -> Callable[..., CLIPModel]:
+    """Builds a one-layer conditioning CLIP (width 16) for ``image_size`` pictures."""
+
+    def make(
+        image_size: int, *, patch_size: int = 4, vocab_size: int = 50, seed: int = 0
+    ) -> CLIPModel:
+        return build_conditioning_clip(
+            image_size=image_size,
+            patch_size=patch_size,
+            vision_width=16,
+            vision_layers=1,
+            text_width=16,
+            text_layers=1,
+            heads=2,
+            projection_dim=8,
+            max_text_length=24,
+            vocab_size=vocab_size,
+            seed=seed,
+        )
+
+    return make
 
 
 @pytest.fixture(scope="session")

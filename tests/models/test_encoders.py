@@ -12,7 +12,6 @@ from prefgen_kedro.models.clip import (
     OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
     ClipWithAttributeHeads,
-    build_conditioning_clip,
     build_evaluation_clip,
     clip_training_data,
     clip_with_heads_loss,
@@ -50,22 +49,6 @@ def renders():
     return render_set(8, seed=0, size=SIZE, group_size=4, shared=("background",))
 
 
-def tiny_conditioning_clip(vocab_size: int):
-    return build_conditioning_clip(
-        image_size=SIZE,
-        patch_size=4,
-        vision_width=16,
-        vision_layers=1,
-        text_width=16,
-        text_layers=1,
-        heads=2,
-        projection_dim=8,
-        max_text_length=24,
-        vocab_size=vocab_size,
-        seed=0,
-    )
-
-
 def test_groups_share_their_categories(renders):
     assert [s["background"] for s in renders.styles[:4]] == [renders.styles[0]["background"]] * 4
     with pytest.raises(ValueError, match="multiple of group_size"):
@@ -74,9 +57,9 @@ def test_groups_share_their_categories(renders):
         render_set(4, seed=0, size=SIZE, group_size=2, shared=("colour",))
 
 
-def test_conditioning_clip_trains_on_groups_and_encodes(renders):
+def test_conditioning_clip_trains_on_groups_and_encodes(renders, make_conditioning_clip):
     tokenizer = build_clip_tokenizer(model_max_length=24)
-    model = tiny_conditioning_clip(len(tokenizer))
+    model = make_conditioning_clip(SIZE, vocab_size=len(tokenizer))
     ids = tokenizer(renders.captions, padding="max_length", return_tensors="pt").input_ids
     loss = heads_loss(model, grouped_batch(renders, ids))
     loss.backward()

@@ -15,7 +15,6 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from prefgen_kedro.models.clip import build_conditioning_clip
 from prefgen_kedro.models.mllm import (
     IGNORE_INDEX,
     MllmPreferenceModel,
@@ -211,26 +210,27 @@ def test_group_tags_add_each_image_its_markers_embedding(world, processor):
         assert torch.allclose(rows, embed[marker].expand_as(rows), atol=1e-6)
 
 
-def test_vision_tower_starts_from_the_conditioning_clip(processor):
-    clip = build_conditioning_clip(
-        image_size=SIZE,
-        patch_size=4,
-        vision_width=16,
-        vision_layers=1,
-        text_width=16,
-        text_layers=1,
-        heads=2,
-        projection_dim=8,
-        max_text_length=16,
-        vocab_size=50,
-        seed=3,
-    )
+def test_vision_tower_starts_from_the_conditioning_clip(processor, make_conditioning_clip):
+    clip = make_conditioning_clip(SIZE, seed=3)
     model = tiny_mllm(processor, vision_config=None, vision_from=clip)
     copied = model.model.vision_tower.state_dict()
     for key, value in clip.vision_model.state_dict().items():
         assert torch.equal(copied[key], value), key
     with pytest.raises(ValueError, match="exactly one"):
         tiny_mllm(processor, vision_from=clip)
+
+
+def test_initializer_range_sets_the_language_models_and_projectors_initial_scale(processor):
+    model = tiny_mllm(processor, initializer_range=0.08)
+    language = model.model.language_model
+    for weights in (
+        language.embed_tokens.weight,
+        language.layers[0].self_attn.q_proj.weight,
+        model.model.multi_modal_projector.linear_1.weight,
+    ):
+        assert weights.std().item() == pytest.approx(0.08, rel=0.1)
+    default = tiny_mllm(processor).model.language_model.layers[0].self_attn.q_proj.weight
+    assert default.std().item() == pytest.approx(0.02, rel=0.1)
 
 
 def test_saved_model_and_processor_load_through_the_auto_classes(world, examples, processor, saved):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.mllm import (
@@ -15,8 +16,10 @@ from prefgen_kedro.models.mllm import (
 from prefgen_kedro.models.mllm_pretraining import (
     DESCRIBE,
     CaptionTask,
+    MllmPretrainParams,
     SimulatedUserVqa,
     evaluate_on_simulated_users,
+    pretrain,
 )
 from prefgen_kedro.models.vqa import parse_taste, vqa_corpus
 from prefgen_kedro.world.agent_world import render_set
@@ -124,3 +127,56 @@ def test_evaluation_compares_the_judge_with_the_counting_rule(pool, processor):
     assert 0 <= result["accuracy"] <= 1
     # the counting rule reads true attributes: far above chance even at K=2
     assert result["counting_rule"] > 0.6
+
+
+def test_pretrain_runs_the_stages_in_order_and_resumes_them(pool, tmp_path, make_conditioning_clip):
+    clip = make_conditioning_clip(SIZE, patch_size=8)
+    train = {"batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2, "seed": 0}
+    params = MllmPretrainParams.model_validate(
+        {
+            "architecture": {
+                "vocab_size": 400,
+                "image_token_grid": 1,
+                "cls_token": True,
+                "tag_image_groups": True,
+                "text_width": 16,
+                "text_layers": 1,
+                "text_heads": 2,
+                "max_positions": 256,
+                "initializer_range": 0.08,
+            },
+            "slot_positions": True,
+            "simulated_users": {"n_liked": 2, "n_disliked": 2},
+            "stages": [
+                {"name": "caption", "task": "caption", "train": train | {"max_steps": 2}},
+                {
+                    "name": "match",
+                    "task": "preference",
+                    "k": (1, 2),
+                    "copy_probability": 0.5,
+                    "train": train | {"max_steps": 3},
+                },
+            ],
+            "eval": {"ks": [1, 2], "questions": 8, "seed": 4},
+        }
+    )
+    run = lambda: pretrain(  # noqa: E731
+        pool, pool, clip, params, checkpoint_root=str(tmp_path), fingerprint="test"
+    )
+    model, processor, report = run()
+    assert [stage["stage"] for stage in report["learning_curve"]] == ["caption", "match"]
+    assert [stage["samples"] for stage in report["learning_curve"]] == [8, 12]
+    assert report["steps"] == 5
+    assert set(report["metrics"]["heldout_simulated_users"]) == {"k1", "k2"}
+    assert processor.tokenizer is not None and not model.training
+    # A second call resumes every stage from its last checkpoint: the same model and curves.
+    again, _, rerun = run()
+    assert [stage["resumed_from_step"] for stage in report["learning_curve"]] == [None, None]
+    assert [stage["resumed_from_step"] for stage in rerun["learning_curve"]] == [2, 3]
+    assert [stage["learning_curve"] for stage in rerun["learning_curve"]] == [
+        stage["learning_curve"] for stage in report["learning_curve"]
+    ]
+    for (name, value), other in zip(
+        model.state_dict().items(), again.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, other), name

@@ -17,27 +17,41 @@ Both are deterministic in ``(seed, index)``, so the shared trainer's resume and 
 work unchanged; a curriculum is a sequence of runs with different settings
 (``pipelines/foundation`` chains them).
 
+``pretrain`` runs a curriculum (``MllmPretrainParams``: the architecture and the stages in
+order) from a fresh tokenizer and model; the ``foundation`` node ``pretrain_mllm`` wires it,
+and a GPU machine without Kedro can call it directly with the same parameters.
+
 Public API: ``CaptionTask``, ``SimulatedUserVqa``, ``Question``, ``DESCRIBE``,
-``evaluate_on_simulated_users``.
+``evaluate_on_simulated_users``, ``pretrain`` and its parameter models.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import Dataset
-from transformers import ProcessorMixin
+from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
 from prefgen_kedro.data.tables import DISLIKED, LIKED
 from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PreferenceContext,
+    build_tiny_mllm,
+    build_tiny_processor,
     collate_vqa,
     encode_chat,
     encode_vqa,
+    train_tokenizer,
+    vision_encoder,
+    vqa_loss,
 )
 from prefgen_kedro.models.vqa import (
     IMAGE_PLACEHOLDER,
@@ -47,12 +61,61 @@ from prefgen_kedro.models.vqa import (
     counting_rule_accuracy,
     counting_rule_scores,
     taste_text,
+    vqa_corpus,
 )
+from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import RenderSet
 from prefgen_kedro.world.users import SimulatedUser, make_user
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute, attribute_ids
 
 DESCRIBE = "Describe this image."
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, as in StrictParams
+
+
+class MllmArchitecture(_Params):
+    vocab_size: int = Field(ge=300)
+    image_token_grid: int = Field(ge=1)
+    cls_token: bool
+    tag_image_groups: bool
+    text_width: int
+    text_layers: int
+    text_heads: int
+    max_positions: int
+    initializer_range: float = Field(default=0.02, gt=0.0)
+
+
+class SimulatedUsersParams(_Params):
+    n_liked: int = Field(ge=1)
+    n_disliked: int = Field(ge=1)
+
+
+class MllmStage(_Params):
+    """One run of the curriculum: a task mix and its training settings."""
+
+    name: str
+    task: Literal["caption", "preference"]
+    k: tuple[int, int] = (1, 1)  # context size range (preference)
+    copy_probability: float = Field(default=0.0, ge=0.0, le=1.0)
+    taste_probability: float = Field(default=0.0, ge=0.0, le=1.0)
+    reasons: bool = True
+    train: TrainConfig
+
+
+class MllmEvalParams(_Params):
+    ks: list[int]
+    questions: int = Field(ge=2)
+    seed: int
+
+
+class MllmPretrainParams(_Params):
+    architecture: MllmArchitecture
+    slot_positions: bool
+    simulated_users: SimulatedUsersParams
+    stages: list[MllmStage] = Field(min_length=1)
+    eval: MllmEvalParams
 
 
 class _Task(Dataset):
@@ -264,4 +327,127 @@ def evaluate_on_simulated_users(
         "accuracy": sum(int(p == (y == LIKED)) for p, y in zip(predicted, labels, strict=True))
         / n_questions,
         "counting_rule": counting_rule_accuracy(scores, labels),
+    }
+
+
+def pretrain(
+    renders: RenderSet,
+    heldout: RenderSet,
+    vision_from: CLIPModel,
+    params: MllmPretrainParams,
+    *,
+    checkpoint_root: str,
+    fingerprint: str,
+) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
+    """A BPE tokenizer trained on the captions and prompts, a LLaVA on ``vision_from``'s
+    (frozen) vision tower, trained through ``params.stages`` in order on ``renders`` and
+    fresh simulated users. After each stage its preference accuracy on ``heldout`` renders
+    is measured (the learning curve); the returned model is rounded to fp16 and back, so
+    the final figures are those of the checkpoint that ships in fp16. ``fingerprint`` (what
+    the run depends on besides ``params``) keys the trainer's resumable checkpoints."""
+    started = time.perf_counter()
+    arch = params.architecture
+    tokenizer = train_tokenizer(
+        vqa_corpus(renders.captions, [DESCRIBE]), vocab_size=arch.vocab_size
+    )
+    processor = build_tiny_processor(
+        tokenizer,
+        image_size=renders.images.shape[1],
+        image_token_grid=arch.image_token_grid,
+        cls_token=arch.cls_token,
+    )
+    model = build_tiny_mllm(
+        tokenizer,
+        vision_from=vision_from,
+        seed=params.stages[0].train.seed,
+        **arch.model_dump(exclude={"vocab_size"}),
+    )
+    # LLaVA keeps the vision tower frozen; the projector and the language model learn.
+    frozen = {id(p) for p in vision_encoder(model).parameters()}
+    trainable = [p for p in model.parameters() if id(p) not in frozen]
+    evaluate = functools.partial(_evaluate, processor=processor, heldout=heldout, params=params)
+    lineage = f"{fingerprint} slots={params.slot_positions}"
+    stages = []
+    for stage in params.stages:
+        dataset = _stage_dataset(stage, renders, processor, params)
+        lineage += f" {stage.model_dump_json()}"
+        result = train(
+            model,
+            dataset,
+            vqa_loss,
+            stage.train,
+            checkpoint_root=checkpoint_root,
+            name=f"mllm_{stage.name}",
+            # Each stage continues the previous ones: its checkpoints depend on all of them.
+            fingerprint=hashlib.sha256(lineage.encode()).hexdigest(),
+            collate_fn=dataset.collate,
+            trainable_parameters=trainable,
+        )
+        stages.append(
+            {
+                "stage": stage.name,
+                "samples": result.steps * stage.train.batch_size,
+                "wall_seconds": round(result.wall_seconds, 1),
+                "resumed_from_step": result.resumed_from,
+                "learning_curve": [
+                    {key: round(value, 4) for key, value in entry.items()}
+                    for entry in result.history
+                ],
+                "heldout": evaluate(model),
+            }
+        )
+    model = model.half().float().eval()
+    report = {
+        "seed": params.stages[0].train.seed,
+        "steps": sum(stage.train.max_steps for stage in params.stages),
+        "wall_seconds": time.perf_counter() - started,
+        "resumed_from_step": None,
+        "metrics": {"heldout_simulated_users": evaluate(model)},
+        "learning_curve": stages,
+    }
+    return model, processor, report
+
+
+def _stage_dataset(
+    stage: MllmStage, renders: RenderSet, processor: ProcessorMixin, params: MllmPretrainParams
+) -> CaptionTask | SimulatedUserVqa:
+    n_samples = stage.train.max_steps * stage.train.batch_size
+    seed = stage.train.seed
+    if stage.task == "caption":
+        return CaptionTask(
+            renders, processor, n_samples=n_samples, seed=seed, slot_positions=params.slot_positions
+        )
+    return SimulatedUserVqa(
+        renders,
+        processor,
+        n_samples=n_samples,
+        seed=seed,
+        k=stage.k,
+        copy_probability=stage.copy_probability,
+        taste_probability=stage.taste_probability,
+        with_reasons=stage.reasons,
+        slot_positions=params.slot_positions,
+        **params.simulated_users.model_dump(),
+    )
+
+
+def _evaluate(
+    model: torch.nn.Module,
+    *,
+    processor: ProcessorMixin,
+    heldout: RenderSet,
+    params: MllmPretrainParams,
+) -> dict[str, dict[str, float]]:
+    """Preference accuracy on held-out renders and users at each evaluated K."""
+    return {
+        f"k{k}": evaluate_on_simulated_users(
+            model,
+            processor,
+            heldout,
+            k=k,
+            n_questions=params.eval.questions,
+            seed=params.eval.seed,
+            slot_positions=params.slot_positions,
+        )
+        for k in params.eval.ks
     }

@@ -8,7 +8,6 @@ renders, so the manifest's figures are the shipped model's.
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from pathlib import Path
 from typing import Literal
@@ -45,26 +44,13 @@ from prefgen_kedro.models.diffusion import (
     sample_grid,
 )
 from prefgen_kedro.models.fid import compute_fid_kid
-from prefgen_kedro.models.mllm import (
-    build_tiny_mllm,
-    build_tiny_processor,
-    train_tokenizer,
-    vision_encoder,
-    vqa_loss,
-)
-from prefgen_kedro.models.mllm_pretraining import (
-    DESCRIBE,
-    CaptionTask,
-    SimulatedUserVqa,
-    evaluate_on_simulated_users,
-)
+from prefgen_kedro.models.mllm_pretraining import MllmPretrainParams, pretrain
 from prefgen_kedro.models.oracle import (
     AttributeOracle,
     head_accuracy,
     oracle_loss,
     oracle_training_data,
 )
-from prefgen_kedro.models.vqa import vqa_corpus
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.training import TrainConfig, TrainResult, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
@@ -166,48 +152,6 @@ class BaseDiffusionParams(StrictParams):
 
 class FidCheckParams(StrictParams):
     images_per_set: int = Field(ge=2)
-
-
-class MllmArchitecture(StrictParams):
-    vocab_size: int = Field(ge=300)
-    image_token_grid: int = Field(ge=1)
-    cls_token: bool
-    tag_image_groups: bool
-    text_width: int
-    text_layers: int
-    text_heads: int
-    max_positions: int
-
-
-class SimulatedUsersParams(StrictParams):
-    n_liked: int = Field(ge=1)
-    n_disliked: int = Field(ge=1)
-
-
-class MllmStage(StrictParams):
-    """One run of the curriculum: a task mix and its training settings."""
-
-    name: str
-    task: Literal["caption", "preference"]
-    k: tuple[int, int] = (1, 1)  # context size range (preference)
-    copy_probability: float = Field(default=0.0, ge=0.0, le=1.0)
-    taste_probability: float = Field(default=0.0, ge=0.0, le=1.0)
-    reasons: bool = True
-    train: TrainConfig
-
-
-class MllmEvalParams(StrictParams):
-    ks: list[int]
-    questions: int = Field(ge=2)
-    seed: int
-
-
-class MllmPretrainParams(StrictParams):
-    architecture: MllmArchitecture
-    slot_positions: bool
-    simulated_users: SimulatedUsersParams
-    stages: list[MllmStage] = Field(min_length=1)
-    eval: MllmEvalParams
 
 
 def make_render_sets(
@@ -459,117 +403,17 @@ def pretrain_mllm(
     params: MllmPretrainParams,
     checkpoint_root: str,
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
-    """The tiny MLLM (stands in for a hub MLLM): a BPE tokenizer trained on the captions and
-    prompts, a LLaVA on the conditioning CLIP's (frozen) vision tower, trained through the
-    stages of ``params.stages`` in order on renders and fresh simulated users; after each
-    stage its preference accuracy on held-out renders is measured (the learning curve)."""
-    started = time.perf_counter()
-    arch = params.architecture
-    tokenizer = train_tokenizer(
-        vqa_corpus(renders.captions, [DESCRIBE]), vocab_size=arch.vocab_size
-    )
-    processor = build_tiny_processor(
-        tokenizer,
-        image_size=renders.images.shape[1],
-        image_token_grid=arch.image_token_grid,
-        cls_token=arch.cls_token,
-    )
-    model = build_tiny_mllm(
-        tokenizer,
-        vision_from=conditioning_clip,
-        seed=params.stages[0].train.seed,
-        **arch.model_dump(exclude={"vocab_size"}),
-    )
-    # LLaVA keeps the vision tower frozen; the projector and the language model learn.
-    frozen = {id(p) for p in vision_encoder(model).parameters()}
-    trainable = [p for p in model.parameters() if id(p) not in frozen]
-    evaluate = functools.partial(
-        _evaluate_mllm, processor=processor, heldout=heldout, params=params
-    )
-    lineage = _fingerprint(renders, arch) + f" slots={params.slot_positions}"
-    stages = []
-    for stage in params.stages:
-        dataset = _stage_dataset(stage, renders, processor, params)
-        lineage += f" {stage.model_dump_json()}"
-        result = train(
-            model,
-            dataset,
-            vqa_loss,
-            stage.train,
-            checkpoint_root=checkpoint_root,
-            name=f"mllm_{stage.name}",
-            # Each stage continues the previous ones: its checkpoints depend on all of them.
-            fingerprint=hashlib.sha256(lineage.encode()).hexdigest(),
-            collate_fn=dataset.collate,
-            trainable_parameters=trainable,
-        )
-        stages.append(
-            {
-                "stage": stage.name,
-                "samples": result.steps * stage.train.batch_size,
-                "wall_seconds": round(result.wall_seconds, 1),
-                "learning_curve": [
-                    {key: round(value, 4) for key, value in entry.items()}
-                    for entry in result.history
-                ],
-                "heldout": evaluate(model),
-            }
-        )
-    model = _round_to_half(model)
-    report = {
-        "seed": params.stages[0].train.seed,
-        "steps": sum(stage.train.max_steps for stage in params.stages),
-        "wall_seconds": time.perf_counter() - started,
-        "resumed_from_step": None,
-        "metrics": {"heldout_simulated_users": evaluate(model)},
-        "learning_curve": stages,
-    }
-    return model.half(), processor, report
-
-
-def _stage_dataset(
-    stage: MllmStage, renders: RenderSet, processor: ProcessorMixin, params: MllmPretrainParams
-) -> CaptionTask | SimulatedUserVqa:
-    n_samples = stage.train.max_steps * stage.train.batch_size
-    seed = stage.train.seed
-    if stage.task == "caption":
-        return CaptionTask(
-            renders, processor, n_samples=n_samples, seed=seed, slot_positions=params.slot_positions
-        )
-    return SimulatedUserVqa(
+    """The tiny MLLM (stands in for a hub MLLM), pretrained through ``params.stages`` on
+    the conditioning CLIP's frozen vision tower; shipped in fp16 (see ``pretrain``)."""
+    model, processor, report = pretrain(
         renders,
-        processor,
-        n_samples=n_samples,
-        seed=seed,
-        k=stage.k,
-        copy_probability=stage.copy_probability,
-        taste_probability=stage.taste_probability,
-        with_reasons=stage.reasons,
-        slot_positions=params.slot_positions,
-        **params.simulated_users.model_dump(),
+        heldout,
+        conditioning_clip,
+        params,
+        checkpoint_root=checkpoint_root,
+        fingerprint=_fingerprint(renders, params.architecture),
     )
-
-
-def _evaluate_mllm(
-    model: torch.nn.Module,
-    *,
-    processor: ProcessorMixin,
-    heldout: RenderSet,
-    params: MllmPretrainParams,
-) -> dict[str, dict[str, float]]:
-    """Preference accuracy on held-out renders and users at each evaluated K."""
-    return {
-        f"k{k}": evaluate_on_simulated_users(
-            model,
-            processor,
-            heldout,
-            k=k,
-            n_questions=params.eval.questions,
-            seed=params.eval.seed,
-            slot_positions=params.slot_positions,
-        )
-        for k in params.eval.ks
-    }
+    return model.half(), processor, report
 
 
 def write_foundation_manifest(
