@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch.utils.data import Dataset
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
@@ -71,11 +71,7 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute, attribute_i
 DESCRIBE = "Describe this image."
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a mistyped key is an error, as in StrictParams
-
-
-class MllmArchitecture(_Params):
+class MllmArchitecture(BaseModel, extra="forbid"):
     vocab_size: int = Field(ge=300)
     image_token_grid: int = Field(ge=1)
     cls_token: bool
@@ -87,12 +83,12 @@ class MllmArchitecture(_Params):
     initializer_range: float = Field(default=0.02, gt=0.0)
 
 
-class SimulatedUsersParams(_Params):
+class SimulatedUsersParams(BaseModel, extra="forbid"):
     n_liked: int = Field(ge=1)
     n_disliked: int = Field(ge=1)
 
 
-class MllmStage(_Params):
+class MllmStage(BaseModel, extra="forbid"):
     """One run of the curriculum: a task mix and its training settings."""
 
     name: str
@@ -104,13 +100,13 @@ class MllmStage(_Params):
     train: TrainConfig
 
 
-class MllmEvalParams(_Params):
+class MllmEvalParams(BaseModel, extra="forbid"):
     ks: list[int]
     questions: int = Field(ge=2)
     seed: int
 
 
-class MllmPretrainParams(_Params):
+class MllmPretrainParams(BaseModel, extra="forbid"):
     architecture: MllmArchitecture
     slot_positions: bool
     simulated_users: SimulatedUsersParams
