@@ -7,11 +7,12 @@ from kedro.pipeline import Pipeline
 
 # `foundation` makes the stand-ins for hub checkpoints; they ship with the repository,
 # so the default run starts from them the way a researcher starts from a download.
-NOT_IN_DEFAULT = ("foundation",)
+# `foundation_mllm` remakes only the MLLM stand-in.
+NOT_IN_DEFAULT = ("foundation", "foundation_mllm")
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Register the project's pipelines; ``__default__`` is every one but ``foundation``."""
+    """Register the project's pipelines; ``__default__`` is every one but the foundation ones."""
     pipelines = find_pipelines(raise_errors=True)
     pipelines["__default__"] = sum(
         (pipe for name, pipe in pipelines.items() if name not in NOT_IN_DEFAULT), Pipeline([])

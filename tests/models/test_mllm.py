@@ -233,6 +233,55 @@ def test_initializer_range_sets_the_language_models_and_projectors_initial_scale
     assert default.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def test_matching_attention_starts_with_each_layers_key_projection_equal_to_its_query(
+    processor,
+):
+    model = tiny_mllm(processor, matching_attention_std=0.09)
+    for layer in model.model.language_model.layers:
+        query, key = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
+        assert torch.equal(query, key)
+        assert query.std().item() == pytest.approx(0.09, rel=0.1)
+    # so attention logits start as a similarity: symmetric, every token alike to itself
+    hidden = torch.randn(1, 6, model.config.text_config.hidden_size)
+    attention = model.model.language_model.layers[0].self_attn
+    scores = attention.q_proj(hidden) @ attention.k_proj(hidden).transpose(1, 2)
+    assert torch.allclose(scores, scores.transpose(1, 2), atol=1e-5)
+    assert (scores.diagonal(dim1=1, dim2=2) > 0).all()
+    untied = tiny_mllm(processor).model.language_model.layers[0].self_attn
+    assert not torch.equal(untied.q_proj.weight, untied.k_proj.weight)
+
+
+@pytest.mark.parametrize("assistant_role", [True, False])
+def test_without_the_assistant_role_the_answer_follows_the_query_image(
+    world, examples, processor, assistant_role
+):
+    # Without the role word the first answer token is predicted at the query's last image
+    # token, where the comparison with the context is made.
+    processor = build_tiny_processor(
+        processor.tokenizer, image_size=SIZE, image_token_grid=GRID, assistant_role=assistant_role
+    )
+    item = VqaDataset(examples, world.pictures, processor)[0]
+    first_answer = (item["labels"] != IGNORE_INDEX).nonzero()[0].item()
+    before_answer = processor.tokenizer.decode(item["input_ids"][first_answer - 3 : first_answer])
+    if assistant_role:
+        assert before_answer.endswith("ASSISTANT:")
+    else:
+        assert item["input_ids"][first_answer - 1] == processor.image_token_id
+
+
+def test_cls_token_last_puts_each_images_cls_token_after_its_patches(processor):
+    features = torch.randn(3, 1 + 4, VISION["hidden_size"])  # CLS, then a 2×2 patch grid
+    first, last = (
+        tiny_mllm(processor, cls_token=True, cls_token_last=where, image_token_grid=1)
+        for where in (False, True)
+    )
+    last.model.multi_modal_projector.load_state_dict(first.model.multi_modal_projector.state_dict())
+    tokens_first = first.model.multi_modal_projector(features)
+    tokens_last = last.model.multi_modal_projector(features)
+    assert tokens_first.shape == tokens_last.shape == (3, 2, first.config.text_config.hidden_size)
+    assert torch.allclose(tokens_first.flip(1), tokens_last)
+
+
 def test_saved_model_and_processor_load_through_the_auto_classes(world, examples, processor, saved):
     model = AutoModelForImageTextToText.from_pretrained(saved).eval()
     loaded_processor = AutoProcessor.from_pretrained(saved)

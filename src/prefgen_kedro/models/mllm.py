@@ -15,7 +15,7 @@ sequences for many images. It is registered with ``AutoConfig`` and
 ``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` whose ``patch_size`` is the
 pooled token's footprint (16 px), so it writes as many image tokens as the model fills.
 
-Two options help a model that learns comparison from nothing (the tiny one), neither changes
+Three options help a model that learns comparison from nothing (the tiny one), none changes
 what the processor writes:
 
 - Slot-aligned positions (``slot_positions``): every image slot (its group marker and its
@@ -25,6 +25,8 @@ what the processor writes:
   Qwen2-VL's 3-D M-RoPE; leave it off there).
 - Group tags (config ``tag_image_groups``): each image's tokens also carry the embedding of
   the marker before them, so which group an image is in is part of every image token.
+- Matching attention (``build_tiny_mllm(matching_attention_std=...)``): every layer's key
+  projection starts equal to its query projection, so attention starts as similarity.
 
 Public API:
 
@@ -85,22 +87,37 @@ _TOKEN_KEYS = frozenset(
     {"input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids"}
 )
 _PAD_VALUES = {"labels": IGNORE_INDEX}
-# The tiny chat template's role words, added to the tokenizer's corpus so each is few tokens.
+# The tiny chat templates' role words, added to the tokenizer's corpus so each is few tokens.
 _CHAT_ROLES = ("USER:", "ASSISTANT:")
 
-# "USER: <prompt>\nASSISTANT:" — the answer follows the colon directly, in training and
-# generation alike; assistant turns end with the eos token.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT:' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{{ '" + IMAGE_PLACEHOLDER + "' if part['type'] == 'image' else part['text'] }}"
-    "{% endfor %}{% endif %}"
-    "{{ eos_token if message['role'] == 'assistant' else '' }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+
+def tiny_chat_template(*, assistant_role: bool = True) -> str:
+    """The tiny processor's chat template: "USER: <prompt>\nASSISTANT:" and the answer
+    after the colon, or without ``assistant_role`` "USER: <prompt>" and the answer right
+    after the prompt's last token; assistant turns end with the eos token either way.
+
+    Without the role, a preference prompt's answer is read at the query's last image token,
+    where attention compares the query with the context; a role word after it has to fetch
+    that comparison with a second attention hop, which a symbolic prototype of the tiny
+    model did not find (ARCHITECTURE.md, "The MLLM").
+    """
+    role, turn_end, generation_prompt = (
+        ("ASSISTANT:", "\n", "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+        if assistant_role
+        else ("", "", "")
+    )
+    return (
+        "{% for message in messages %}"
+        "{{ 'USER: ' if message['role'] == 'user' else '" + role + "' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{{ '" + IMAGE_PLACEHOLDER + "' if part['type'] == 'image' else part['text'] }}"
+        "{% endfor %}{% endif %}"
+        "{{ eos_token if message['role'] == 'assistant' else '' }}"
+        + turn_end
+        + "{% endfor %}"
+        + generation_prompt
+    )
 
 
 # ---- the tiny model: LLaVA with pooled image tokens -------------------------------------
@@ -114,6 +131,7 @@ class PooledLlavaConfig(LlavaConfig):
     model_type = "prefgen_pooled_llava"
     image_token_grid: int = 2
     tag_image_groups: bool = False
+    cls_token_last: bool = False
 
 
 class _PooledProjector(LlavaMultiModalProjector):
@@ -123,6 +141,7 @@ class _PooledProjector(LlavaMultiModalProjector):
         super().__init__(config)
         self.grid = config.image_token_grid
         self.keep_cls = config.vision_feature_select_strategy == "full"
+        self.cls_last = config.cls_token_last
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         n, tokens, width = image_features.shape
@@ -134,7 +153,8 @@ class _PooledProjector(LlavaMultiModalProjector):
             raise ValueError(f"{patches.shape[1]} patch features are not a square grid")
         grid = patches.transpose(1, 2).reshape(n, width, side, side)
         pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
-        return super().forward(torch.cat([cls, pooled], dim=1))
+        tokens = [pooled, cls] if self.cls_last else [cls, pooled]
+        return super().forward(torch.cat(tokens, dim=1))
 
 
 class PooledLlavaModel(LlavaModel):
@@ -239,10 +259,11 @@ def build_tiny_processor(
     image_size: int,
     image_token_grid: int,
     cls_token: bool = False,
+    assistant_role: bool = True,
 ) -> LlavaProcessor:
     """A ``LlavaProcessor`` for ``image_size`` pictures (normalised as CLIP, never resized or
     cropped) writing ``image_token_grid``² image tokens each (one more with ``cls_token``),
-    with the tiny chat template."""
+    with the tiny chat template (``tiny_chat_template(assistant_role=...)``)."""
     if image_size % image_token_grid:
         raise ValueError(f"image_size {image_size} is not a multiple of {image_token_grid}")
     image_processor = CLIPImageProcessor(
@@ -261,7 +282,7 @@ def build_tiny_processor(
         vision_feature_select_strategy="full" if cls_token else "default",
         num_additional_image_tokens=1,
         image_token=IMAGE_PLACEHOLDER,
-        chat_template=TINY_CHAT_TEMPLATE,
+        chat_template=tiny_chat_template(assistant_role=assistant_role),
     )
 
 
@@ -279,7 +300,9 @@ def build_tiny_mllm(
     vision_feature_layer: int = -1,
     cls_token: bool = False,
     tag_image_groups: bool = False,
+    cls_token_last: bool = False,
     initializer_range: float = 0.02,
+    matching_attention_std: float = 0.0,
 ) -> PooledLlavaForConditionalGeneration:
     """The tiny LLaVA, randomly initialised with ``seed``.
 
@@ -289,12 +312,24 @@ def build_tiny_mllm(
     width ``text_width`` (MLP 4× wider) and the tokenizer's vocabulary. Image features are
     read at ``vision_feature_layer`` (default the last, the one the conditioning CLIP was
     trained through; LLaVA's own default is -2). With ``cls_token`` each image also gets the
-    vision tower's CLS token (the one CLIP training shaped), before its pooled patches; with
-    ``tag_image_groups`` image tokens carry their marker's embedding (``PooledLlavaModel``).
+    vision tower's CLS token (the one CLIP training shaped), before its pooled patches or, with
+    ``cls_token_last``, after them: then an image's last token, where an answer that follows
+    the query image is read, is the one whose similarity follows shared attributes (cosine
+    against shared-attribute count: correlation 0.51 for the CLS feature, 0.26 for the mean
+    patch). With ``tag_image_groups`` image tokens carry their marker's embedding
+    (``PooledLlavaModel``).
     ``initializer_range`` is the std of the language model's and projector's initial weights:
     hub models use 0.02, tuned for widths in the thousands; at a width of 128 that starts
     every attention uniform and the tiny model never learned to compare images (at 0.08,
     about 1/sqrt(width), it learned a liked-or-disliked copy task in 600 steps).
+
+    With ``matching_attention_std`` > 0, every language-model layer starts with its key
+    projection equal to its query projection (drawn with that std), so attention starts out
+    favouring tokens similar to the attending one. From independent projections, attention
+    to similar images and the read-out of their group are each useless without the other
+    (a balanced context averages to nothing), and the tiny model sat at that saddle; a hub
+    model arrives with such matching heads. With 4 heads of width 128, 0.09 gives two
+    identical tokens an attention logit of about 6.
     """
     if (vision_config is None) == (vision_from is None):
         raise ValueError("give exactly one of vision_config and vision_from")
@@ -326,14 +361,29 @@ def build_tiny_mllm(
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="full" if cls_token else "default",
         tag_image_groups=tag_image_groups,
+        cls_token_last=cls_token_last,
     )
     torch.manual_seed(seed)
     model = PooledLlavaForConditionalGeneration(config)
     if vision_from is not None:
         model.model.vision_tower.load_state_dict(vision_from.vision_model.state_dict())
+    if matching_attention_std > 0:
+        _tie_query_key_projections(model.model.language_model, matching_attention_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+@torch.no_grad()
+def _tie_query_key_projections(language_model: nn.Module, std: float) -> None:
+    """Each layer's q and k projections set to one draw of N(0, std²): q·k is then a
+    positive semi-definite form of the two tokens, largest for a token like the attending one."""
+    for layer in language_model.layers:
+        attention = layer.self_attn
+        if attention.q_proj.weight.shape != attention.k_proj.weight.shape:
+            raise ValueError("tied query/key projections need as many key/value heads as heads")
+        nn.init.normal_(attention.q_proj.weight, std=std)
+        attention.k_proj.weight.copy_(attention.q_proj.weight)
 
 
 # ---- model inputs ------------------------------------------------------------------------

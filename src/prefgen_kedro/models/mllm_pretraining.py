@@ -75,12 +75,15 @@ class MllmArchitecture(BaseModel, extra="forbid"):
     vocab_size: int = Field(ge=300)
     image_token_grid: int = Field(ge=1)
     cls_token: bool
+    cls_token_last: bool = False
     tag_image_groups: bool
     text_width: int
     text_layers: int
     text_heads: int
     max_positions: int
     initializer_range: float = Field(default=0.02, gt=0.0)
+    matching_attention_std: float = Field(default=0.0, ge=0.0)
+    assistant_role: bool = True  # the tiny chat template's, see ``tiny_chat_template``
 
 
 class SimulatedUsersParams(BaseModel, extra="forbid"):
@@ -353,12 +356,13 @@ def pretrain(
         image_size=renders.images.shape[1],
         image_token_grid=arch.image_token_grid,
         cls_token=arch.cls_token,
+        assistant_role=arch.assistant_role,
     )
     model = build_tiny_mllm(
         tokenizer,
         vision_from=vision_from,
         seed=params.stages[0].train.seed,
-        **arch.model_dump(exclude={"vocab_size"}),
+        **arch.model_dump(exclude={"vocab_size", "assistant_role"}),
     )
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
     frozen = {id(p) for p in vision_encoder(model).parameters()}

@@ -1,7 +1,11 @@
 import json
+import shutil
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -111,3 +115,38 @@ def _check_models_load_back_through_the_catalog(folder):
     context = PreferenceContext(liked=list(renders.images[:2]), disliked=list(renders.images[2:3]))
     p_yes = judge.judge([context, context], [renders.images[3], renders.images[0]])
     assert p_yes.shape == (2,) and ((p_yes > 0) & (p_yes < 1)).all()
+
+
+def test_foundation_mllm_remakes_only_the_mllm_and_its_manifest_entry(
+    smoke_foundation, smoke_project, tmp_path, monkeypatch
+):
+    project = tmp_path / "project"  # a copy: the session's smoke models stay as they are
+    shutil.copytree(smoke_project, project)
+    folder = project / "data" / "06_models" / "foundation_smoke"
+    shipped = json.loads((folder / "manifest.json").read_text())
+    others = {name: (folder / name).stat().st_mtime_ns for name in shipped if name != "mllm"}
+
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    changed = {"foundation": {"mllm": {"architecture": {"matching_attention_std": 0.5}}}}
+    with KedroSession.create(project_path=project, env="smoke", runtime_params=changed) as session:
+        session.run(pipeline_names=["foundation_mllm"])
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {k: v for k, v in manifest.items() if k != "mllm"} == {
+        k: v for k, v in shipped.items() if k != "mllm"
+    }
+    assert others == {name: (folder / name).stat().st_mtime_ns for name in others}
+    remade = manifest["mllm"]
+    assert remade["sha256"] == weight_hashes(folder / "mllm") != shipped["mllm"]["sha256"]
+    assert remade["steps"] == SMOKE_STEPS["mllm"]
+    attention = (
+        AutoModelForImageTextToText.from_pretrained(folder / "mllm")
+        .model.language_model.layers[0]
+        .self_attn
+    )
+    # the changed setting: key projections started equal to the query ones (4 steps ago)
+    similarity = F.cosine_similarity(
+        attention.q_proj.weight.flatten(), attention.k_proj.weight.flatten(), dim=0
+    )
+    assert similarity > 0.9

@@ -439,18 +439,7 @@ def write_foundation_manifest(
         "mllm": (mllm, mllm_report),
     }
     manifest = {
-        name: manifest_entry(
-            model=model,
-            directory=model_dirs[name],
-            seed=report["seed"],
-            wall_seconds=report["wall_seconds"],
-            metrics=report["metrics"],
-            extra={
-                "steps": report["steps"],
-                "resumed_from_step": report["resumed_from_step"],
-                "learning_curve": report["learning_curve"],
-            },
-        )
+        name: _manifest_entry(model, report, model_dirs[name])
         for name, (model, report) in models.items()
     }
     metrics = {
@@ -460,3 +449,26 @@ def write_foundation_manifest(
     }
     metrics["fid_network"] = fid_report
     return manifest, metrics
+
+
+def replace_mllm_manifest_entry(
+    manifest: dict, mllm: PreTrainedModel, mllm_report: dict, model_dirs: dict[str, str]
+) -> dict:
+    """The shipped manifest with only the MLLM's entry remade: the other models were not
+    retrained, so their entries stay as they are."""
+    return {**manifest, "mllm": _manifest_entry(mllm, mllm_report, model_dirs["mllm"])}
+
+
+def _manifest_entry(model: torch.nn.Module, report: dict, directory: str) -> dict:
+    return manifest_entry(
+        model=model,
+        directory=directory,
+        seed=report["seed"],
+        wall_seconds=report["wall_seconds"],
+        metrics=report["metrics"],
+        extra={
+            "steps": report["steps"],
+            "resumed_from_step": report["resumed_from_step"],
+            "learning_curve": report["learning_curve"],
+        },
+    )
