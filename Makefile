@@ -16,8 +16,8 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kedro run
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks experiments
+	$(BIN)/ruff format --check src tests benchmarks experiments
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 foundation: $(STAMP)
@@ -30,8 +30,8 @@ viz: $(STAMP)
 	$(BIN)/kedro viz build
 
 lint format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks experiments
+	$(BIN)/ruff check --fix src tests benchmarks experiments
 
 clean-venv:
 	rm -rf $(VENV)
