@@ -17,7 +17,7 @@ Three conditions (ARCHITECTURE.md, "The MLLM"):
   is read (as a chat template's role word).
 
 ``python -m experiments.matching_saddle [--steps 2000] [--seed 0]`` prints one row per
-condition (2,000 steps of 128 questions: about 40 s each on a 2-core CPU).
+condition (2,000 steps of 128 questions: about 33 s each on a 2-core CPU).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ sequences for many images. It is registered with ``AutoConfig`` and
 pooled token's footprint (16 px), so it writes as many image tokens as the model fills.
 
 Three options help a model that learns comparison from nothing (the tiny one), none changes
-what the processor writes:
+what the processor writes (two more, ``cls_token_last`` and the chat template's
+``assistant_role``, decide which token an answer is read at: see ``build_tiny_mllm``):
 
 - Slot-aligned positions (``slot_positions``): every image slot (its group marker and its
   image tokens) gets the same position ids, and text continues after a slot's end. Any two
@@ -92,8 +93,8 @@ _CHAT_ROLES = ("USER:", "ASSISTANT:")
 
 
 def tiny_chat_template(*, assistant_role: bool = True) -> str:
-    """The tiny processor's chat template: "USER: <prompt>\nASSISTANT:" and the answer
-    after the colon, or without ``assistant_role`` "USER: <prompt>" and the answer right
+    """The tiny processor's chat template: "USER: <prompt>", a line break, "ASSISTANT:" and
+    the answer after the colon, or without ``assistant_role`` "USER: <prompt>" and the answer right
     after the prompt's last token; assistant turns end with the eos token either way.
 
     Without the role, a preference prompt's answer is read at the query's last image token,
@@ -379,9 +380,7 @@ def _tie_query_key_projections(language_model: nn.Module, std: float) -> None:
     """Each layer's q and k projections set to one draw of N(0, std²): q·k is then a
     positive semi-definite form of the two tokens, largest for a token like the attending one."""
     for layer in language_model.layers:
-        attention = layer.self_attn
-        if attention.q_proj.weight.shape != attention.k_proj.weight.shape:
-            raise ValueError("tied query/key projections need as many key/value heads as heads")
+        attention = layer.self_attn  # as many key/value heads as heads (build_tiny_mllm)
         nn.init.normal_(attention.q_proj.weight, std=std)
         attention.k_proj.weight.copy_(attention.q_proj.weight)
 
