@@ -1,5 +1,5 @@
-"""The symbolic matching experiment runs, its questions are what it says, and its counting
-rule is the project's."""
+"""The experiments run, their questions are what they say, and their counting rules are the
+project's."""
 
 import importlib
 from pathlib import Path
@@ -12,12 +12,21 @@ from prefgen_kedro.models.vqa import counting_rule_score
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def experiment():
+def _import(name: str):
     # experiments/ is a folder of the project, not of the installed package.
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(PROJECT_ROOT))
-        return importlib.import_module("experiments.matching_saddle")
+        return importlib.import_module(f"experiments.{name}")
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    return _import("matching_saddle")
+
+
+@pytest.fixture(scope="module")
+def geometry():
+    return _import("feature_geometry")
 
 
 def test_questions_have_k_images_a_side_one_attribute_per_category(experiment):
@@ -46,3 +55,38 @@ def test_each_condition_trains_and_scores(experiment, condition):
     result = experiment.run(condition, steps=2, seed=0)
     assert result["seconds"] > 0
     assert all(0.0 <= result[f"K={k}"] <= 1.0 for k in experiment.EVAL_KS)
+
+
+def test_geometry_questions_and_the_attribute_rule_are_the_counting_rule(geometry):
+    renders = geometry.render_set(400, 1, 32)
+    present = geometry.attribute_matrix(renders.styles)
+    assert (present.sum(1) == len(geometry.SIZES)).all()
+    ids = np.arange(100, 400)
+    liked, disliked, query, label = geometry.sample_questions(
+        np.random.default_rng(2), present, ids, 100, 3
+    )
+    assert np.isin(np.c_[liked, disliked, query], ids).all()
+    assert not (liked == query[:, None]).any() and not (disliked == query[:, None]).any()
+    shown = [set(np.flatnonzero(row)) for row in present]
+    scores = np.array(
+        [
+            counting_rule_score([shown[i] for i in li], [shown[i] for i in di], shown[q])
+            for li, di, q in zip(liked, disliked, query, strict=True)
+        ]
+    )
+    expected = np.mean(np.where(scores == 0, 0.5, (scores > 0) == label))
+    assert geometry.similarity_rule_accuracy(present, liked, disliked, query, label) == expected
+
+
+def test_geometry_scores_every_row_on_the_shipped_clip(geometry):
+    if not geometry.SHIPPED_CLIP.exists():
+        pytest.skip("no shipped conditioning CLIP")
+    result = geometry.run(n_renders=300, n_train=200, questions=40, probe_steps=2)
+    assert set(result) == {
+        "cls_cosine",
+        "linear_probe",
+        "category_softmax",
+        "grouped_softmax",
+        "attributes",
+    }
+    assert all(0.0 <= acc <= 1.0 for row in result.values() for acc in row.values())
