@@ -29,36 +29,23 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
-from prefgen_kedro.models.clip import CLIP_MEAN, CLIP_STD
+from experiments.matching_saddle import OFFSETS, SIZES, draw_users, pick_context
+from prefgen_kedro.models.clip import to_pixel_values
 from prefgen_kedro.world.agent_world import render_set
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, CATEGORIES, attribute_ids
+from prefgen_kedro.world.vocabulary import attribute_matrix
 
 SHIPPED_CLIP = Path(__file__).resolve().parents[1] / "data/06_models/foundation/conditioning_clip"
 MLLM_RENDER_SEED = 606  # conf/base: foundation.renders.mllm
-SIZES = [len(values) for values in CATEGORIES.values()]
-OFFSETS = np.cumsum([0, *SIZES[:-1]])
 EVAL_KS = (1, 4, 8)
-
-
-def attribute_matrix(styles: list[dict[str, str]]) -> np.ndarray:
-    """(renders, 48) 0/1: which attributes each render shows, in ``ATTRIBUTE_IDS`` order."""
-    column = {attribute_id: i for i, attribute_id in enumerate(ATTRIBUTE_IDS)}
-    present = np.zeros((len(styles), len(ATTRIBUTE_IDS)), np.float32)
-    for row, style in enumerate(styles):
-        present[row, [column[a] for a in attribute_ids(style)]] = 1.0
-    return present
 
 
 @torch.no_grad()
 def vision_features(clip: CLIPModel, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
     """(renders, 2 × width): the last layer's CLS token and mean patch, as the MLLM reads them."""
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     features = []
     for start in range(0, len(images), batch_size):
-        pixels = torch.as_tensor(images[start : start + batch_size]).permute(0, 3, 1, 2) / 255
-        hidden = clip.vision_model(
-            pixel_values=(pixels - mean) / std, output_hidden_states=True
-        ).hidden_states[-1]
+        pixels = to_pixel_values(images[start : start + batch_size], images.shape[1])
+        hidden = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
         features.append(torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=1))
     return torch.cat(features)
 
@@ -66,22 +53,11 @@ def vision_features(clip: CLIPModel, images: np.ndarray, batch_size: int = 500) 
 def sample_questions(
     rng: np.random.Generator, present: np.ndarray, ids: np.ndarray, n: int, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` questions over the renders ``ids``: liked (n, k), disliked (n, k) and query (n,)
-    render indices, and whether the user likes the query (n,)."""
-    n_attributes = present.shape[1]
-    taste = np.argsort(rng.random((n, n_attributes)), axis=1)[:, :8]
-    weights = rng.uniform(0.5, 1.5, (n, 8)) * np.r_[np.ones(4), -np.ones(4)]
-    utility_of = np.zeros((n, n_attributes))
-    np.put_along_axis(utility_of, taste, weights, axis=1)
-    utility = (utility_of @ present[ids].T).round(6)
-    keys = rng.random(utility.shape)
-    liked_order = np.argsort(np.where(utility > 0, keys, 2.0), axis=1)
-    disliked_order = np.argsort(np.where(utility < 0, keys, 2.0), axis=1)
-    enough = ((utility > 0).sum(1) > k) & ((utility < 0).sum(1) > k)
-    label = rng.random(n) < 0.5
-    query = np.where(label, liked_order[:, k], disliked_order[:, k])
-    liked, disliked = ids[liked_order[:, :k]], ids[disliked_order[:, :k]]
-    return liked[enough], disliked[enough], ids[query][enough], label[enough]
+    """``n`` questions over the renders ``ids`` (users as ``matching_saddle``'s): liked (n, k),
+    disliked (n, k) and query (n,) render indices, and whether the user likes the query (n,)."""
+    utility = (draw_users(rng, n) @ present[ids].T).round(6)
+    liked, disliked, query, label, enough = pick_context(rng, utility, k)
+    return ids[liked][enough], ids[disliked][enough], ids[query][enough], label[enough]
 
 
 def similarity_rule_accuracy(features: np.ndarray, liked, disliked, query, label) -> float:

@@ -39,29 +39,43 @@ POOL = 300  # candidate images drawn per question
 EVAL_KS = (1, 4, 8)
 
 
+def draw_users(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 48) attribute weights of ``n`` fresh users: 4 liked and 4 disliked attributes,
+    weights 0.5–1.5 (as the agent world's users), zero elsewhere."""
+    taste = np.argsort(rng.random((n, N_ATTRIBUTES)), axis=1)[:, :8]
+    weights = rng.uniform(0.5, 1.5, (n, 8)) * np.r_[np.ones(4), -np.ones(4)]
+    utility_of = np.zeros((n, N_ATTRIBUTES))
+    np.put_along_axis(utility_of, taste, weights, axis=1)
+    return utility_of
+
+
+def pick_context(
+    rng: np.random.Generator, utility: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of candidate ``utility`` (n, candidates): K random liked and K random
+    disliked candidates, a query of either side, as column indices (n, k), (n, k), (n,);
+    whether the query is liked (n,); and which rows had more than K candidates a side."""
+    keys = rng.random(utility.shape)
+    liked_order = np.argsort(np.where(utility > 0, keys, 2.0), axis=1)
+    disliked_order = np.argsort(np.where(utility < 0, keys, 2.0), axis=1)
+    enough = ((utility > 0).sum(1) > k) & ((utility < 0).sum(1) > k)
+    label = rng.random(len(utility)) < 0.5
+    query = np.where(label, liked_order[:, k], disliked_order[:, k])
+    return liked_order[:, :k], disliked_order[:, :k], query, label, enough
+
+
 def sample_questions(
     rng: np.random.Generator, n: int, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``n`` questions at context size ``k``: liked (n, k, 5), disliked (n, k, 5) and query
     (n, 5) attribute ids, and whether the user likes the query (n,)."""
-    taste = np.argsort(rng.random((n, N_ATTRIBUTES)), axis=1)[:, :8]
-    weights = rng.uniform(0.5, 1.5, (n, 8)) * np.r_[np.ones(4), -np.ones(4)]
-    utility_of = np.zeros((n, N_ATTRIBUTES))
-    np.put_along_axis(utility_of, taste, weights, axis=1)
+    utility_of = draw_users(rng, n)
     images = OFFSETS + np.stack([rng.integers(0, s, (n, POOL)) for s in SIZES], axis=2)
     utility = np.take_along_axis(utility_of[:, None, :], images, axis=2).sum(axis=2).round(6)
-    keys = rng.random(utility.shape)
-    liked_order = np.argsort(np.where(utility > 0, keys, 2.0), axis=1)
-    disliked_order = np.argsort(np.where(utility < 0, keys, 2.0), axis=1)
-    enough = ((utility > 0).sum(1) > k) & ((utility < 0).sum(1) > k)
-    label = rng.random(n) < 0.5
+    liked, disliked, query, label, enough = pick_context(rng, utility, k)
     rows = np.arange(n)
-    liked = images[rows[:, None], liked_order[:, :k]]
-    disliked = images[rows[:, None], disliked_order[:, :k]]
-    query = np.where(
-        label[:, None], images[rows, liked_order[:, k]], images[rows, disliked_order[:, k]]
-    )
-    return liked[enough], disliked[enough], query[enough], label[enough]
+    liked, disliked = images[rows[:, None], liked], images[rows[:, None], disliked]
+    return liked[enough], disliked[enough], images[rows, query][enough], label[enough]
 
 
 def counting_rule_accuracy(liked, disliked, query, label) -> float:

@@ -66,7 +66,12 @@ from prefgen_kedro.models.vqa import (
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import RenderSet
 from prefgen_kedro.world.users import SimulatedUser, make_user
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute, attribute_ids
+from prefgen_kedro.world.vocabulary import (
+    ATTRIBUTE_IDS,
+    attribute,
+    attribute_ids,
+    attribute_matrix,
+)
 
 DESCRIBE = "Describe this image."
 
@@ -218,13 +223,10 @@ class SimulatedUserVqa(_Task):
         self.slot_positions = slot_positions
         self.with_reasons = with_reasons
         self.taste_probability = taste_probability
-        column = {attribute_id: i for i, attribute_id in enumerate(ATTRIBUTE_IDS)}
         # Attribute-major, so one attribute's row over the pool is contiguous.
-        self.present = np.zeros((len(ATTRIBUTE_IDS), len(pool.styles)), np.float32)
-        for image, style in enumerate(pool.styles):
-            self.present[[column[a] for a in attribute_ids(style)], image] = 1.0
+        self.present = np.ascontiguousarray(attribute_matrix(pool.styles).T)
         self.pool_attributes = [attribute_ids(style) for style in pool.styles]
-        self._column = column
+        self._column = {attribute_id: i for i, attribute_id in enumerate(ATTRIBUTE_IDS)}
 
     def question(self, index: int) -> Question:
         """The ``index``-th question (deterministic in ``seed`` and ``index``)."""

@@ -10,6 +10,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 # Bump when the pictures for the same (subject, attributes, seed) change: the shipped
 # foundation models were trained on renders of one version and must be remade.
 RENDERER_VERSION = "1"
@@ -146,6 +148,16 @@ def attribute(attribute_id: str) -> Attribute:
 def attribute_ids(style: dict[str, str]) -> list[str]:
     """The ids of a style given as ``{category: value}``, in category order."""
     return [f"{category}:{style[category]}" for category in CATEGORIES]
+
+
+def attribute_matrix(styles: list[dict[str, str]]) -> np.ndarray:
+    """(len(styles), 48) float32 0/1: which attributes each style shows, in ``ATTRIBUTE_IDS``
+    order."""
+    column = {attribute_id: i for i, attribute_id in enumerate(ATTRIBUTE_IDS)}
+    present = np.zeros((len(styles), len(ATTRIBUTE_IDS)), np.float32)
+    for row, style in enumerate(styles):
+        present[row, [column[a] for a in attribute_ids(style)]] = 1.0
+    return present
 
 
 def caption(subject: str, style: dict[str, str]) -> str:
