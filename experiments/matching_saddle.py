@@ -8,16 +8,19 @@ linear head answers "does the user like the query?" for a fresh simulated user p
 images with K uniform in 1-8. Held-out questions are scored at K = 1, 4, 8 next to the
 counting rule on the true attributes.
 
-Three conditions (ARCHITECTURE.md, "The MLLM"):
+Four conditions (experiments/README.md):
 
 - ``independent``: query and key projections drawn independently (the hub initialisation);
 - ``matching``: each layer's key projection starts equal to its query projection, the answer
   read at the query's token;
 - ``matching_text_readout``: the same, with one more token after the query where the answer
-  is read (as a chat template's role word).
+  is read (as a chat template's role word);
+- ``matching_multi_query``: ``matching`` with 8 queries a context, each answered at its own
+  token (the pretraining stages' ``queries``), so a step has 8 answers a context.
 
 ``python -m experiments.matching_saddle [--steps 2000] [--seed 0]`` prints one row per
-condition (2,000 steps of 128 questions: about 33 s each on a 2-core CPU).
+condition (2,000 steps of 128 contexts: 33-120 s each on a 2-core CPU; ``--steps 250``
+shows how soon each leaves chance).
 """
 
 from __future__ import annotations
@@ -50,32 +53,37 @@ def draw_users(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def pick_context(
-    rng: np.random.Generator, utility: np.ndarray, k: int
+    rng: np.random.Generator, utility: np.ndarray, k: int, queries: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """For each row of candidate ``utility`` (n, candidates): K random liked and K random
     disliked candidates, a query of either side, as column indices (n, k), (n, k), (n,);
-    whether the query is liked (n,); and which rows had more than K candidates a side."""
+    whether the query is liked (n,); and which rows had enough candidates a side. With
+    ``queries`` > 1, that many queries (n, queries), each of either side, none in the context."""
     keys = rng.random(utility.shape)
     liked_order = np.argsort(np.where(utility > 0, keys, 2.0), axis=1)
     disliked_order = np.argsort(np.where(utility < 0, keys, 2.0), axis=1)
-    enough = ((utility > 0).sum(1) > k) & ((utility < 0).sum(1) > k)
-    label = rng.random(len(utility)) < 0.5
-    query = np.where(label, liked_order[:, k], disliked_order[:, k])
+    enough = ((utility > 0).sum(1) >= k + queries) & ((utility < 0).sum(1) >= k + queries)
+    label = rng.random((len(utility), queries)) < 0.5
+    query = np.where(label, liked_order[:, k : k + queries], disliked_order[:, k : k + queries])
+    if queries == 1:
+        query, label = query[:, 0], label[:, 0]
     return liked_order[:, :k], disliked_order[:, :k], query, label, enough
 
 
 def sample_questions(
-    rng: np.random.Generator, n: int, k: int
+    rng: np.random.Generator, n: int, k: int, queries: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``n`` questions at context size ``k``: liked (n, k, 5), disliked (n, k, 5) and query
-    (n, 5) attribute ids, and whether the user likes the query (n,)."""
+    (n, 5) attribute ids, and whether the user likes the query (n,); with ``queries`` > 1,
+    that many queries a context: (n, queries, 5) and (n, queries)."""
     utility_of = draw_users(rng, n)
     images = OFFSETS + np.stack([rng.integers(0, s, (n, POOL)) for s in SIZES], axis=2)
     utility = np.take_along_axis(utility_of[:, None, :], images, axis=2).sum(axis=2).round(6)
-    liked, disliked, query, label, enough = pick_context(rng, utility, k)
-    rows = np.arange(n)
-    liked, disliked = images[rows[:, None], liked], images[rows[:, None], disliked]
-    return liked[enough], disliked[enough], images[rows, query][enough], label[enough]
+    liked, disliked, query, label, enough = pick_context(rng, utility, k, queries)
+    rows = np.arange(n)[:, None]
+    liked, disliked = images[rows, liked], images[rows, disliked]
+    query = images[rows, query] if queries > 1 else images[rows[:, 0], query]
+    return liked[enough], disliked[enough], query[enough], label[enough]
 
 
 def counting_rule_accuracy(liked, disliked, query, label) -> float:
@@ -114,17 +122,22 @@ class SymbolicJudge(torch.nn.Module):
         self.head = torch.nn.Linear(width, 2)
 
     def forward(self, liked, disliked, query) -> torch.Tensor:
-        liked, disliked, query = (
+        """Logits (n, 2) for queries (n, 5); for several queries a context (n, Q, 5), all
+        after the context, (n, Q, 2), each read at its query's token."""
+        several = np.ndim(query) == 3
+        liked, disliked, queries = (
             self.attributes(torch.as_tensor(ids)).sum(-2) for ids in (liked, disliked, query)
         )
-        tokens = [liked + self.tags[0], disliked + self.tags[1], query[:, None] + self.tags[2]]
+        queries = queries if several else queries[:, None]
+        tokens = [liked + self.tags[0], disliked + self.tags[1], queries + self.tags[2]]
         if self.text_readout:
-            tokens.append(self.tags[3].expand(len(query), 1, -1))
+            tokens.append(self.tags[3].expand(len(queries), 1, -1))
         embeds = torch.cat(tokens, dim=1)
         positions = torch.zeros(embeds.shape[:2], dtype=torch.long)  # one slot for all images
         positions[:, -1] = int(self.text_readout)
         hidden = self.llama(inputs_embeds=embeds, position_ids=positions).last_hidden_state
-        return self.head(hidden[:, -1])
+        logits = self.head(hidden[:, -1 if self.text_readout else -queries.shape[1] :])
+        return logits if several else logits[:, -1]
 
 
 def run(condition: str, *, steps: int, seed: int) -> dict[str, float]:
@@ -134,13 +147,15 @@ def run(condition: str, *, steps: int, seed: int) -> dict[str, float]:
         text_readout=condition == "matching_text_readout",
         seed=seed,
     )
+    queries = 8 if condition == "matching_multi_query" else 1
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     for _ in range(steps):
-        liked, disliked, query, label = sample_questions(rng, 128, int(rng.integers(1, 9)))
-        loss = F.cross_entropy(model(liked, disliked, query), torch.as_tensor(label.astype(int)))
+        liked, disliked, query, label = sample_questions(rng, 128, int(rng.integers(1, 9)), queries)
+        logits = model(liked, disliked, query).reshape(-1, 2)
+        loss = F.cross_entropy(logits, torch.as_tensor(label.astype(int)).reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -162,7 +177,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    for condition in ("independent", "matching", "matching_text_readout"):
+    for condition in ("independent", "matching", "matching_text_readout", "matching_multi_query"):
         result = run(condition, steps=args.steps, seed=args.seed)
         cells = " | ".join(f"{key} {value:.3f}" for key, value in result.items() if "K=" in key)
         print(f"{condition:<22} | {result['seconds']:>5.0f} s | {cells}", flush=True)

@@ -38,6 +38,14 @@ def test_questions_have_k_images_a_side_one_attribute_per_category(experiment):
         assert ((query[:, c] >= offset) & (query[:, c] < offset + size)).all()
 
 
+def test_several_queries_a_context_are_of_either_side(experiment):
+    rng = np.random.default_rng(3)
+    liked, disliked, query, label = experiment.sample_questions(rng, 64, 2, queries=8)
+    assert query.shape[1:] == (8, 5) and label.shape[1:] == (8,)
+    assert 0.35 < label.mean() < 0.65
+    assert len({tuple(q) for q in query[0]}) > 1  # not one image asked 8 times
+
+
 def test_counting_rule_matches_the_projects(experiment):
     liked, disliked, query, label = experiment.sample_questions(np.random.default_rng(1), 200, 4)
     scores = np.array(
@@ -50,7 +58,9 @@ def test_counting_rule_matches_the_projects(experiment):
     assert experiment.counting_rule_accuracy(liked, disliked, query, label) == expected
 
 
-@pytest.mark.parametrize("condition", ["independent", "matching", "matching_text_readout"])
+@pytest.mark.parametrize(
+    "condition", ["independent", "matching", "matching_text_readout", "matching_multi_query"]
+)
 def test_each_condition_trains_and_scores(experiment, condition):
     result = experiment.run(condition, steps=2, seed=0)
     assert result["seconds"] > 0

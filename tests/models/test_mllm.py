@@ -24,12 +24,19 @@ from prefgen_kedro.models.mllm import (
     add_lora,
     build_tiny_mllm,
     build_tiny_processor,
+    chat_text,
     collate_vqa,
     encode_vqa,
     train_tokenizer,
     vqa_loss,
 )
-from prefgen_kedro.models.vqa import MARKERS, sample_vqa_examples, vqa_corpus
+from prefgen_kedro.models.vqa import (
+    MARKERS,
+    build_prompt,
+    query_prompt,
+    sample_vqa_examples,
+    vqa_corpus,
+)
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import generate_agent_world
 
@@ -150,6 +157,33 @@ def test_only_answer_tokens_and_eos_carry_labels(world, examples, processor):
     by_hand = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
     assert torch.allclose(loss, by_hand, atol=1e-5)
     assert 0.0 <= metrics["first_token_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("assistant_role", [True, False])
+def test_follow_up_turns_are_the_chat_templates_conversation_each_answer_labelled(
+    world, processor, assistant_role
+):
+    processor = build_tiny_processor(
+        processor.tokenizer, image_size=SIZE, image_token_grid=GRID, assistant_role=assistant_role
+    )
+    tokenizer = processor.tokenizer
+    pictures = list(world.pictures.values())
+    turns = [(query_prompt(), [pictures[3]], "No"), (query_prompt(), [pictures[4]], "Yes")]
+    context = PreferenceContext(pictures[:1], pictures[1:2])
+    item = encode_vqa(processor, context, pictures[2], "Yes", slot_positions=True, follow_ups=turns)
+    # the token sequence of the whole conversation as the chat template renders it
+    history = [(build_prompt(1, 1), "Yes"), (query_prompt(), "No")]
+    conversation = chat_text(processor, query_prompt(), history) + "Yes" + tokenizer.eos_token
+    whole = processor(text=conversation, images=list(pictures[:5]))
+    assert item["input_ids"].tolist() == whole["input_ids"][0]
+    assert item["pixel_values"].shape == (5, 3, SIZE, SIZE)
+    labelled = item["labels"][item["labels"] != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Yes</s>No</s>Yes</s>"
+    # every image, the follow-ups' queries included, on the one slot range
+    slots = item["position_ids"][item["input_ids"] == processor.image_token_id].view(5, -1)
+    assert (slots == slots[0]).all()
+    with pytest.raises(ValueError, match="follow-up turns need"):
+        encode_vqa(processor, context, pictures[2], None, follow_ups=turns)
 
 
 def test_slot_positions_put_every_image_slot_on_one_range(world, processor):

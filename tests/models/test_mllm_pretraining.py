@@ -71,6 +71,33 @@ def test_copied_queries_come_from_the_context_side_of_their_label(pool, processo
     assert not any(q.query in q.liked + q.disliked for q in none)
 
 
+def test_follow_up_queries_are_fresh_balanced_and_each_answered(pool, processor):
+    _, asked = questions(pool, processor, n=60)
+    task, _ = questions(pool, processor, n=60, queries=(1, 4))
+    counts, labels = [], []
+    for index, first in enumerate(asked):
+        sample = task.questions(index)
+        # the first question is the one-query dataset's; the follow-ups share its context
+        assert task.question(index) == sample[0]
+        assert (sample[0].liked, sample[0].query) == (first.liked, first.query)
+        queries = [q.query for q in sample]
+        assert len(set(queries)) == len(queries)
+        assert not set(queries) & set(first.liked + first.disliked)
+        for q in sample[1:]:
+            assert (q.liked, q.disliked, q.user) == (first.liked, first.disliked, first.user)
+            utility = q.user.utility(attribute_ids(pool.styles[q.query]))
+            assert (utility > 0) == (q.label == LIKED)
+            labels.append(q.label == LIKED)
+        counts.append(len(sample))
+        item = task[index]
+        answers = item["labels"][item["labels"] != IGNORE_INDEX]
+        assert (answers == processor.tokenizer.eos_token_id).sum() == len(sample)
+        assert len(item["pixel_values"]) == 2 * len(first.liked) + len(sample)
+    assert set(counts) == {1, 2, 3, 4} and 0.35 < np.mean(labels) < 0.65
+    with pytest.raises(ValueError, match="queries must be a range"):
+        SimulatedUserVqa(pool, processor, n_samples=1, seed=0, k=(1, 2), queries=(0, 2))
+
+
 def test_taste_samples_ask_about_the_context_and_name_shown_attributes(pool, processor):
     task, asked = questions(pool, processor, n=40, taste_probability=1.0)
     tokenizer = processor.tokenizer

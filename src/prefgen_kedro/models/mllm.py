@@ -100,7 +100,7 @@ def tiny_chat_template(*, assistant_role: bool = True) -> str:
     Without the role, a preference prompt's answer is read at the query's last image token,
     where attention compares the query with the context; a role word after it has to fetch
     that comparison with a second attention hop, which a symbolic prototype of the tiny
-    model did not find (ARCHITECTURE.md, "The MLLM").
+    model did not find (experiments/README.md).
     """
     role, turn_end, generation_prompt = (
         ("ASSISTANT:", "\n", "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
@@ -396,18 +396,28 @@ class PreferenceContext:
     disliked: Sequence[np.ndarray]
 
 
-def chat_text(processor: ProcessorMixin, prompt: str) -> str:
-    """``prompt`` (with ``IMAGE_PLACEHOLDER``s) as one user turn in the processor's chat
-    template, ending with the generation prompt: the answer's first token comes next."""
+def chat_text(
+    processor: ProcessorMixin, prompt: str, history: Sequence[tuple[str, str]] = ()
+) -> str:
+    """``prompt`` (with ``IMAGE_PLACEHOLDER``s) as a user turn in the processor's chat
+    template, after ``history``'s answered (prompt, answer) turns, ending with the generation
+    prompt: the answer's first token comes next."""
+    messages = []
+    for turn_prompt, turn_answer in history:
+        messages.append({"role": "user", "content": _content(turn_prompt)})
+        messages.append({"role": "assistant", "content": turn_answer})
+    messages.append({"role": "user", "content": _content(prompt)})
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _content(prompt: str) -> list[dict[str, str]]:
     content: list[dict[str, str]] = []
     for i, piece in enumerate(prompt.split(IMAGE_PLACEHOLDER)):
         if i:
             content.append({"type": "image"})
         if piece:
             content.append({"type": "text", "text": piece})
-    return processor.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    return content
 
 
 def encode_chat(
@@ -417,15 +427,61 @@ def encode_chat(
     answer: str | None = None,
     *,
     slot_positions: bool = False,
+    follow_ups: Sequence[tuple[str, Sequence[np.ndarray], str]] = (),
 ) -> dict[str, torch.Tensor]:
     """One sample's model inputs (no batch dimension on per-token tensors).
 
     With ``answer``, its tokens and the eos follow the prompt and ``labels`` carry them,
-    every prompt token being ``IGNORE_INDEX``. With ``slot_positions``, ``position_ids``
-    are slot-aligned (see the module docstring).
+    every prompt token being ``IGNORE_INDEX``. ``follow_ups`` are further user turns
+    (prompt, its images, answer), each answered and labelled the same way, in one sequence:
+    the model answers several questions about one context in one pass. With
+    ``slot_positions``, ``position_ids`` are slot-aligned (see the module docstring).
     """
+    if follow_ups and answer is None:
+        raise ValueError("follow-up turns need the first turn's answer")
     tokenizer = processor.tokenizer
-    encoded = processor(text=chat_text(processor, prompt), images=list(images), return_tensors="pt")
+    turns = [(prompt, images, answer), *follow_ups]
+    pieces = []
+    history: list[tuple[str, str]] = []
+    rendered = ""  # the conversation's text so far, answers and eos included
+    for turn_prompt, turn_images, turn_answer in turns:
+        text = chat_text(processor, turn_prompt, history)
+        if not text.startswith(rendered):
+            raise ValueError("the chat template renders earlier turns differently in context")
+        pieces.append(
+            _encode_turn(
+                processor, text[len(rendered) :], turn_images, turn_answer, first=not pieces
+            )
+        )
+        if turn_answer is not None:
+            history.append((turn_prompt, turn_answer))
+            rendered = text + turn_answer + tokenizer.eos_token
+    item = {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+    if slot_positions:
+        item["position_ids"] = slot_position_ids(
+            item["input_ids"],
+            image_token_id=processor.image_token_id,
+            marker_ids=_marker_ids(tokenizer),
+            n_images=sum(len(turn_images) for _, turn_images, _ in turns),
+        )
+    return item
+
+
+def _encode_turn(
+    processor: ProcessorMixin,
+    text: str,
+    images: Sequence[np.ndarray],
+    answer: str | None,
+    *,
+    first: bool,
+) -> dict[str, torch.Tensor]:
+    """``text``'s model inputs (per-image tensors stacked on dim 0), then ``answer``'s tokens
+    and the eos, the only labelled ones. Only the ``first`` turn gets the tokenizer's special
+    tokens (a bos, where it adds one)."""
+    tokenizer = processor.tokenizer
+    encoded = processor(
+        text=text, images=list(images), return_tensors="pt", add_special_tokens=first
+    )
     item = {
         key: value[0] if key in _TOKEN_KEYS else value
         for key, value in encoded.items()
@@ -441,13 +497,6 @@ def encode_chat(
         for key in _TOKEN_KEYS & item.keys():
             item[key] = torch.cat([item[key], appended.get(key, torch.zeros_like(answer_ids))])
         item["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer_ids])
-    if slot_positions:
-        item["position_ids"] = slot_position_ids(
-            item["input_ids"],
-            image_token_id=processor.image_token_id,
-            marker_ids=_marker_ids(tokenizer),
-            n_images=len(images),
-        )
     return item
 
 
@@ -459,14 +508,18 @@ def encode_vqa(
     *,
     slot_positions: bool = False,
     question: str = QUESTION,
+    follow_ups: Sequence[tuple[str, Sequence[np.ndarray], str]] = (),
 ) -> dict[str, torch.Tensor]:
     """``encode_chat`` of the VQA prompt: liked, disliked, then (if given) the query image
-    and ``question`` (without a query, a ``question`` other than the default ends the prompt)."""
+    and ``question`` (without a query, a ``question`` other than the default ends the prompt);
+    ``follow_ups`` as ``encode_chat``'s."""
     images = [*context.liked, *context.disliked, *([] if query is None else [query])]
     prompt = build_prompt(
         len(context.liked), len(context.disliked), with_query=query is not None, question=question
     )
-    return encode_chat(processor, prompt, images, answer, slot_positions=slot_positions)
+    return encode_chat(
+        processor, prompt, images, answer, slot_positions=slot_positions, follow_ups=follow_ups
+    )
 
 
 def slot_position_ids(

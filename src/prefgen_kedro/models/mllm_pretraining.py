@@ -60,6 +60,7 @@ from prefgen_kedro.models.vqa import (
     answer_text,
     counting_rule_accuracy,
     counting_rule_scores,
+    query_prompt,
     taste_text,
     vqa_corpus,
 )
@@ -105,6 +106,7 @@ class MllmStage(BaseModel, extra="forbid"):
     copy_probability: float = Field(default=0.0, ge=0.0, le=1.0)
     taste_probability: float = Field(default=0.0, ge=0.0, le=1.0)
     reasons: bool = True
+    queries: tuple[int, int] = (1, 1)  # questions per context, answered in turn (preference)
     train: TrainConfig
 
 
@@ -192,7 +194,10 @@ class SimulatedUserVqa(_Task):
     side; with ``taste_probability`` the sample asks ``TASTE_QUESTION`` about the context
     instead (no query): the user's liked and disliked attributes the context shows, which
     makes the model summarise a context, the skill the preference answer and the probes
-    stand on.
+    stand on. A preference sample asks about Q fresh queries in turn (Q uniform in the range
+    ``queries``), each answered before the next is asked: Q answers' gradients for one
+    context's images (in a symbolic stand-in, 8 queries a context reached in 250 steps the
+    K = 8 accuracy that one query a context reached in 750-1,000; experiments/README.md).
     """
 
     def __init__(
@@ -209,10 +214,14 @@ class SimulatedUserVqa(_Task):
         slot_positions: bool = True,
         with_reasons: bool = True,
         taste_probability: float = 0.0,
+        queries: tuple[int, int] = (1, 1),
     ) -> None:
         super().__init__(processor, n_samples, seed)
-        if not 1 <= k[0] <= k[1]:
-            raise ValueError(f"k must be a range (low, high) with 1 ≤ low ≤ high, got {k}")
+        for name, (low, high) in (("k", k), ("queries", queries)):
+            if not 1 <= low <= high:
+                raise ValueError(
+                    f"{name} must be a range (low, high) with 1 ≤ low ≤ high, got {(low, high)}"
+                )
         if not 0.0 <= copy_probability <= 1.0:
             raise ValueError(f"copy_probability must be in [0, 1], got {copy_probability}")
         self.pool = pool
@@ -223,6 +232,7 @@ class SimulatedUserVqa(_Task):
         self.slot_positions = slot_positions
         self.with_reasons = with_reasons
         self.taste_probability = taste_probability
+        self.queries = queries
         # Attribute-major, so one attribute's row over the pool is contiguous.
         self.present = np.ascontiguousarray(attribute_matrix(pool.styles).T)
         self.pool_attributes = [attribute_ids(style) for style in pool.styles]
@@ -230,6 +240,11 @@ class SimulatedUserVqa(_Task):
 
     def question(self, index: int) -> Question:
         """The ``index``-th question (deterministic in ``seed`` and ``index``)."""
+        return self.questions(index)[0]
+
+    def questions(self, index: int) -> list[Question]:
+        """The ``index``-th sample's questions: ``question(index)``, then the follow-ups about
+        the same user and context, each query a fresh pool image of either side (balanced)."""
         rng = self._rng(index)
         while True:
             user = make_user(f"foundation-{index}", self.n_liked, self.n_disliked, rng)
@@ -241,7 +256,7 @@ class SimulatedUserVqa(_Task):
             # a zero, on neither side, where float rounding used to pick one.
             utility = np.round((self.present[columns] * weights[:, None]).sum(axis=0), 6)
             sides = {LIKED: np.flatnonzero(utility > 0), DISLIKED: np.flatnonzero(utility < 0)}
-            if min(len(ids) for ids in sides.values()) > self.k[1]:
+            if min(len(ids) for ids in sides.values()) >= self.k[1] + self.queries[1]:
                 break  # a user whose taste the pool shows on both sides (nearly always)
         k = int(rng.integers(self.k[0], self.k[1] + 1))
         label = LIKED if rng.random() < 0.5 else DISLIKED
@@ -251,10 +266,23 @@ class SimulatedUserVqa(_Task):
         context = {side: tuple(int(i) for i in ids[:k]) for side, ids in drawn.items()}
         copied = rng.random() < self.copy_probability
         query = context[label][rng.integers(k)] if copied else int(drawn[label][k])
+        shown = context[LIKED], context[DISLIKED]
+        asked = [Question(user, *shown, query, label, self._answer(user, query, label))]
+        n_follow_ups = int(rng.integers(self.queries[0], self.queries[1] + 1)) - 1
+        unused = {
+            side: np.setdiff1d(ids, drawn[side]) if n_follow_ups else ids
+            for side, ids in sides.items()
+        }
+        for _ in range(n_follow_ups):
+            side = LIKED if rng.random() < 0.5 else DISLIKED
+            query, unused[side] = _pop_random(rng, unused[side])
+            asked.append(Question(user, *shown, query, side, self._answer(user, query, side)))
+        return asked
+
+    def _answer(self, user: SimulatedUser, query: int, label: int) -> str:
         opinion = user.liked if label == LIKED else user.disliked
         reasons = [attribute(a).value for a in self.pool_attributes[query] if a in opinion]
-        answer = answer_text(label, reasons if self.with_reasons else ())
-        return Question(user, context[LIKED], context[DISLIKED], query, label, answer)
+        return answer_text(label, reasons if self.with_reasons else ())
 
     def taste(self, question: Question) -> str:
         """The user's liked and disliked attributes that the context shows on their side."""
@@ -277,7 +305,7 @@ class SimulatedUserVqa(_Task):
         )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        question = self.question(index)
+        question, *follow_ups = self.questions(index)
         if self._rng(index).random() < self.taste_probability:
             return encode_vqa(
                 self.processor,
@@ -293,7 +321,16 @@ class SimulatedUserVqa(_Task):
             self.pool.images[question.query],
             question.answer,
             slot_positions=self.slot_positions,
+            follow_ups=[
+                (query_prompt(), [self.pool.images[q.query]], q.answer) for q in follow_ups
+            ],
         )
+
+
+def _pop_random(rng: np.random.Generator, ids: np.ndarray) -> tuple[int, np.ndarray]:
+    """One of ``ids`` at random, and the others."""
+    i = int(rng.integers(len(ids)))
+    return int(ids[i]), np.delete(ids, i)
 
 
 def evaluate_on_simulated_users(
@@ -430,6 +467,7 @@ def _stage_dataset(
         copy_probability=stage.copy_probability,
         taste_probability=stage.taste_probability,
         with_reasons=stage.reasons,
+        queries=stage.queries,
         slot_positions=params.slot_positions,
         **params.simulated_users.model_dump(),
     )

@@ -96,10 +96,15 @@ def build_prompt(
         f"{DISLIKED_INTRO} " + (DISLIKED_MARKER + IMAGE_PLACEHOLDER) * k_disliked,
     ]
     if with_query:
-        parts.append(f"{question} {QUERY_MARKER}{IMAGE_PLACEHOLDER}")
+        parts.append(query_prompt(question))
     elif question != QUESTION:
         parts.append(question)
     return "\n".join(parts)
+
+
+def query_prompt(question: str = QUESTION) -> str:
+    """``question`` about one query image: "Does the user like this image? <query><image>"."""
+    return f"{question} {QUERY_MARKER}{IMAGE_PLACEHOLDER}"
 
 
 def answer_text(label: int, reasons: Sequence[str] = (), caption: str | None = None) -> str:
