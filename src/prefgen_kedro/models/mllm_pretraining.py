@@ -197,7 +197,7 @@ class SimulatedUserVqa(_Task):
     stand on. A preference sample asks about Q fresh queries in turn (Q uniform in the range
     ``queries``), each answered before the next is asked: Q answers' gradients for one
     context's images (in a symbolic stand-in, 8 queries a context reached in 250 steps the
-    K = 8 accuracy that one query a context reached in 750-1,000; experiments/README.md).
+    K = 8 accuracy that one query a context reached in 500-750; experiments/README.md).
     """
 
     def __init__(
@@ -269,10 +269,13 @@ class SimulatedUserVqa(_Task):
         shown = context[LIKED], context[DISLIKED]
         asked = [Question(user, *shown, query, label, self._answer(user, query, label))]
         n_follow_ups = int(rng.integers(self.queries[0], self.queries[1] + 1)) - 1
-        unused = {
-            side: np.setdiff1d(ids, drawn[side]) if n_follow_ups else ids
-            for side, ids in sides.items()
-        }
+        # Follow-up queries: pool images of either side not yet drawn for this sample (the
+        # set difference only when there are follow-ups: it is on every sample's path).
+        unused = (
+            {side: np.setdiff1d(ids, drawn[side]) for side, ids in sides.items()}
+            if n_follow_ups
+            else {}
+        )
         for _ in range(n_follow_ups):
             side = LIKED if rng.random() < 0.5 else DISLIKED
             query, unused[side] = _pop_random(rng, unused[side])
