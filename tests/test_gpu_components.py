@@ -45,7 +45,7 @@ from prefgen_kedro.models.mllm import (
     PreferenceContext,
     VqaDataset,
     add_lora,
-    vision_encoder,
+    frozen_parameters,
     vqa_loss,
 )
 from prefgen_kedro.models.user_adapter import (
@@ -384,7 +384,7 @@ def test_lora_from_the_gpu_parameters_trains_only_lora_weights_of_a_qwen2_vl_2b_
 
     params = VqaTuningParams.model_validate(gpu_config["parameters"]["vqa_tuning"])
     model = add_lora(mllm, **params.lora.model_dump())
-    frozen = {id(p) for p in vision_encoder(mllm).parameters()}  # as tune_mllm freezes it
+    frozen = {id(p) for p in frozen_parameters(mllm)}  # as tune_mllm freezes it
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
     before = {name: value.clone() for name, value in model.state_dict().items()}
     dataset = VqaDataset(examples[:2], world.pictures, processor)

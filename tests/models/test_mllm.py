@@ -27,6 +27,7 @@ from prefgen_kedro.models.mllm import (
     chat_text,
     collate_vqa,
     encode_vqa,
+    frozen_parameters,
     train_tokenizer,
     vqa_loss,
 )
@@ -314,6 +315,44 @@ def test_cls_token_last_puts_each_images_cls_token_after_its_patches(processor):
     tokens_last = last.model.multi_modal_projector(features)
     assert tokens_first.shape == tokens_last.shape == (3, 2, first.config.text_config.hidden_size)
     assert torch.allclose(tokens_first.flip(1), tokens_last)
+
+
+def test_attribute_token_is_its_categories_probability_weighted_value_embeddings(
+    processor, tmp_path
+):
+    categories = [2, 3]
+    model = tiny_mllm(
+        processor,
+        cls_token=True,
+        cls_token_last=True,
+        image_token_grid=1,
+        attribute_categories=categories,
+    ).eval()
+    projector = model.model.multi_modal_projector
+    features = torch.randn(3, 1 + 4, VISION["hidden_size"])  # CLS, then a 2×2 patch grid
+    with torch.no_grad():
+        # Confident logits: value 1 of the first category, value 2 of the second.
+        projector.attribute_readout.weight.zero_()
+        projector.attribute_readout.bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0, 50.0]))
+        tokens = projector(features)
+    embeddings = projector.attribute_embeddings.weight  # (width, values)
+    assert tokens.shape == (3, 2, model.config.text_config.hidden_size)
+    assert torch.allclose(tokens[:, 1], (embeddings[:, 1] + embeddings[:, 4]).expand(3, -1))
+    patches = projector.linear_2(projector.act(projector.linear_1(features[:, 1:].mean(1))))
+    assert torch.allclose(tokens[:, 0], patches, atol=1e-6)
+    # Each image's value embeddings start near unit variance, above its group tag.
+    assert 0.5 < embeddings.std().item() * len(categories) ** 0.5 < 2.0
+    # The read-out is frozen with the vision tower; the value embeddings learn.
+    frozen = {id(p) for p in frozen_parameters(model)}
+    assert id(projector.attribute_readout.weight) in frozen
+    assert id(projector.attribute_embeddings.weight) not in frozen
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert loaded.config.attribute_categories == categories
+    with torch.no_grad():
+        assert torch.equal(loaded.model.multi_modal_projector(features), tokens)
+    with pytest.raises(ValueError, match="CLS"):
+        tiny_mllm(processor, attribute_categories=categories)
 
 
 def test_saved_model_and_processor_load_through_the_auto_classes(world, examples, processor, saved):

@@ -133,16 +133,37 @@ class PooledLlavaConfig(LlavaConfig):
     image_token_grid: int = 2
     tag_image_groups: bool = False
     cls_token_last: bool = False
+    # Sizes of the attribute categories an image's attribute token reads (``_PooledProjector``).
+    attribute_categories: list[int] | None = None
 
 
 class _PooledProjector(LlavaMultiModalProjector):
-    """Average-pools the (square) patch grid to ``image_token_grid``² tokens, then projects."""
+    """Average-pools the (square) patch grid to ``image_token_grid``² tokens, then projects.
+
+    With ``attribute_categories`` the CLS token's place holds an *attribute token* instead:
+    a linear read-out of the CLS token and the mean patch to one softmax per category (a
+    render has one colour, one pattern, one tone...), each value with a learned embedding,
+    the token being their probability-weighted sum. Its read-out is fitted to the renders'
+    attributes (``fit_attribute_readout``), a structured form of LLaVA's caption alignment,
+    and kept frozen with the vision tower (``frozen_parameters``): compared by similarity,
+    such features answer preference questions nearly as well as the true attributes, raw
+    CLIP features far worse (experiments/README.md, "What the vision tower allows").
+    """
 
     def __init__(self, config: PooledLlavaConfig) -> None:
         super().__init__(config)
         self.grid = config.image_token_grid
         self.keep_cls = config.vision_feature_select_strategy == "full"
         self.cls_last = config.cls_token_last
+        self.categories = list(config.attribute_categories or ())
+        if self.categories:
+            if not self.keep_cls:
+                raise ValueError("an attribute token takes the CLS token's place: keep the CLS")
+            width = config.vision_config.hidden_size
+            self.attribute_readout = nn.Linear(2 * width, sum(self.categories))
+            self.attribute_embeddings = nn.Linear(
+                sum(self.categories), config.text_config.hidden_size, bias=False
+            )
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         n, tokens, width = image_features.shape
@@ -154,8 +175,26 @@ class _PooledProjector(LlavaMultiModalProjector):
             raise ValueError(f"{patches.shape[1]} patch features are not a square grid")
         grid = patches.transpose(1, 2).reshape(n, width, side, side)
         pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
+        if self.categories:
+            image = [super().forward(pooled), self.attribute_token(image_features)[:, None]]
+            return torch.cat(image if self.cls_last else image[::-1], dim=1)
         tokens = [pooled, cls] if self.cls_last else [cls, pooled]
         return super().forward(torch.cat(tokens, dim=1))
+
+    @staticmethod
+    def readout_inputs(image_features: torch.Tensor) -> torch.Tensor:
+        """(n, 2 × width): the CLS token and the mean patch, what the read-out reads."""
+        return torch.cat([image_features[:, 0], image_features[:, 1:].mean(1)], dim=1)
+
+    def attribute_probabilities(self, image_features: torch.Tensor) -> list[torch.Tensor]:
+        """One (n, category size) distribution per category."""
+        logits = self.attribute_readout(self.readout_inputs(image_features))
+        return [part.softmax(-1) for part in logits.split(self.categories, dim=-1)]
+
+    def attribute_token(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.attribute_embeddings(
+            torch.cat(self.attribute_probabilities(image_features), -1)
+        )
 
 
 class PooledLlavaModel(LlavaModel):
@@ -304,6 +343,7 @@ def build_tiny_mllm(
     cls_token_last: bool = False,
     initializer_range: float = 0.02,
     matching_attention_std: float = 0.0,
+    attribute_categories: Sequence[int] | None = None,
 ) -> PooledLlavaForConditionalGeneration:
     """The tiny LLaVA, randomly initialised with ``seed``.
 
@@ -331,6 +371,12 @@ def build_tiny_mllm(
     (a balanced context averages to nothing), and the tiny model sat at that saddle; a hub
     model arrives with such matching heads. With 4 heads of width 128, 0.09 gives two
     identical tokens an attention logit of about 6.
+
+    With ``attribute_categories`` (each category's number of values) the CLS token's place
+    holds an attribute token (``_PooledProjector``): its value embeddings start at std
+    1/sqrt(categories), so a confident token's features (about unit variance) dominate its
+    group tag, as in the symbolic stand-in that learned to compare; fit its read-out with
+    ``fit_attribute_readout`` before training.
     """
     if (vision_config is None) == (vision_from is None):
         raise ValueError("give exactly one of vision_config and vision_from")
@@ -363,11 +409,17 @@ def build_tiny_mllm(
         vision_feature_select_strategy="full" if cls_token else "default",
         tag_image_groups=tag_image_groups,
         cls_token_last=cls_token_last,
+        attribute_categories=list(attribute_categories) if attribute_categories else None,
     )
     torch.manual_seed(seed)
     model = PooledLlavaForConditionalGeneration(config)
     if vision_from is not None:
         model.model.vision_tower.load_state_dict(vision_from.vision_model.state_dict())
+    if attribute_categories:
+        nn.init.normal_(
+            model.model.multi_modal_projector.attribute_embeddings.weight,
+            std=len(attribute_categories) ** -0.5,
+        )
     if matching_attention_std > 0:
         _tie_query_key_projections(model.model.language_model, matching_attention_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -640,6 +692,16 @@ def vqa_loss(
     predicted = output.logits[rows, first - 1].argmax(dim=-1)
     accuracy = (predicted == labels[rows, first]).float().mean()
     return output.loss, {"first_token_accuracy": float(accuracy)}
+
+
+def frozen_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
+    """What LLaVA's recipe keeps frozen: the vision encoder and, in a tiny model with an
+    attribute token, the attribute read-out fitted to it."""
+    frozen = list(vision_encoder(model).parameters())
+    projector = getattr(model.model, "multi_modal_projector", None)
+    if getattr(projector, "categories", None):
+        frozen.extend(projector.attribute_readout.parameters())
+    return frozen
 
 
 def vision_encoder(model: PreTrainedModel) -> nn.Module:

@@ -36,11 +36,14 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
 from prefgen_kedro.data.tables import DISLIKED, LIKED
+from prefgen_kedro.models.clip import to_pixel_values
 from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PreferenceContext,
@@ -49,6 +52,7 @@ from prefgen_kedro.models.mllm import (
     collate_vqa,
     encode_chat,
     encode_vqa,
+    frozen_parameters,
     train_tokenizer,
     vision_encoder,
     vqa_loss,
@@ -69,6 +73,7 @@ from prefgen_kedro.world.agent_world import RenderSet
 from prefgen_kedro.world.users import SimulatedUser, make_user
 from prefgen_kedro.world.vocabulary import (
     ATTRIBUTE_IDS,
+    CATEGORIES,
     attribute,
     attribute_ids,
     attribute_matrix,
@@ -90,6 +95,15 @@ class MllmArchitecture(BaseModel, extra="forbid"):
     initializer_range: float = Field(default=0.02, gt=0.0)
     matching_attention_std: float = Field(default=0.0, ge=0.0)
     assistant_role: bool = True  # the tiny chat template's, see ``tiny_chat_template``
+    attribute_token: bool = False  # see ``build_tiny_mllm``'s ``attribute_categories``
+
+
+class AttributeReadoutParams(BaseModel, extra="forbid"):
+    """How the attribute token's read-out is fitted (``fit_attribute_readout``)."""
+
+    steps: int = Field(default=1500, ge=1)
+    learning_rate: float = Field(default=1.0e-2, gt=0.0)
+    batch_size: int = Field(default=512, ge=1)
 
 
 class SimulatedUsersParams(BaseModel, extra="forbid"):
@@ -122,6 +136,7 @@ class MllmPretrainParams(BaseModel, extra="forbid"):
     simulated_users: SimulatedUsersParams
     stages: list[MllmStage] = Field(min_length=1)
     eval: MllmEvalParams
+    attribute_readout: AttributeReadoutParams = AttributeReadoutParams()
 
 
 class _Task(Dataset):
@@ -404,13 +419,26 @@ def pretrain(
         tokenizer,
         vision_from=vision_from,
         seed=params.stages[0].train.seed,
-        **arch.model_dump(exclude={"vocab_size", "assistant_role"}),
+        attribute_categories=[len(values) for values in CATEGORIES.values()]
+        if arch.attribute_token
+        else None,
+        **arch.model_dump(exclude={"vocab_size", "assistant_role", "attribute_token"}),
     )
+    lineage = f"{fingerprint} slots={params.slot_positions}"
+    readout = None
+    if arch.attribute_token:
+        fit_attribute_readout(
+            model,
+            renders,
+            **params.attribute_readout.model_dump(),
+            seed=params.stages[0].train.seed,
+        )
+        readout = attribute_readout_accuracy(model, heldout)
+        lineage += f" readout={params.attribute_readout.model_dump_json()}"
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
-    frozen = {id(p) for p in vision_encoder(model).parameters()}
+    frozen = {id(p) for p in frozen_parameters(model)}
     trainable = [p for p in model.parameters() if id(p) not in frozen]
     evaluate = functools.partial(_evaluate, processor=processor, heldout=heldout, params=params)
-    lineage = f"{fingerprint} slots={params.slot_positions}"
     stages = []
     for stage in params.stages:
         dataset = _stage_dataset(stage, renders, processor, params)
@@ -449,7 +477,83 @@ def pretrain(
         "metrics": {"heldout_simulated_users": evaluate(model)},
         "learning_curve": stages,
     }
+    if readout is not None:
+        report["metrics"]["attribute_readout_heldout_accuracy"] = readout
     return model, processor, report
+
+
+def _category_labels(renders: RenderSet) -> torch.Tensor:
+    """(renders, categories): each render's value index within each category."""
+    return torch.tensor(
+        [[values.index(style[c]) for c, values in CATEGORIES.items()] for style in renders.styles]
+    )
+
+
+@torch.no_grad()
+def _readout_inputs(model: PreTrainedModel, renders: RenderSet, batch_size: int = 500):
+    """What the attribute read-out reads for every render (the frozen vision tower's CLS
+    token and mean patch at the model's feature layer), with a progress bar."""
+    tower = vision_encoder(model)
+    projector = model.model.multi_modal_projector
+    inputs = []
+    for start in tqdm(range(0, len(renders.images), batch_size), desc="readout features"):
+        images = renders.images[start : start + batch_size]
+        # The tiny processor's normalisation: CLIP's mean and std, no resizing.
+        pixels = to_pixel_values(images, images.shape[1]).to(tower.dtype)
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        inputs.append(projector.readout_inputs(hidden[model.config.vision_feature_layer]).float())
+    return torch.cat(inputs)
+
+
+def fit_attribute_readout(
+    model: PreTrainedModel,
+    renders: RenderSet,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Fit the attribute token's read-out (one softmax per category) to ``renders``'
+    attributes with cross-entropy, on standardised inputs folded back into the layer."""
+    inputs = _readout_inputs(model, renders)
+    labels = _category_labels(renders)
+    mean, std = inputs.mean(0), inputs.std(0).clamp_min(1e-6)
+    standardised = (inputs - mean) / std
+    projector = model.model.multi_modal_projector
+    readout = torch.nn.Linear(inputs.shape[1], sum(projector.categories))
+    torch.nn.init.zeros_(readout.weight)  # a convex fit: start at uniform, seed-independent
+    torch.nn.init.zeros_(readout.bias)
+    optimizer = torch.optim.Adam(readout.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="attribute read-out"):
+        batch = torch.randint(0, len(inputs), (batch_size,), generator=generator)
+        logits = readout(standardised[batch]).split(projector.categories, dim=-1)
+        loss = sum(F.cross_entropy(part, labels[batch, c]) for c, part in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weight = readout.weight / std
+        target = projector.attribute_readout
+        target.weight.copy_(weight.to(target.weight.dtype))
+        target.bias.copy_((readout.bias - weight @ mean).to(target.bias.dtype))
+
+
+@torch.no_grad()
+def attribute_readout_accuracy(model: PreTrainedModel, renders: RenderSet) -> dict[str, float]:
+    """How often the attribute token's most probable value is the render's, per category."""
+    projector = model.model.multi_modal_projector
+    logits = projector.attribute_readout(
+        _readout_inputs(model, renders).to(projector.attribute_readout.weight.dtype)
+    )
+    labels = _category_labels(renders)
+    return {
+        category: round(float((part.argmax(-1) == labels[:, c]).float().mean()), 4)
+        for c, (category, part) in enumerate(
+            zip(CATEGORIES, logits.split(projector.categories, dim=-1), strict=True)
+        )
+    }
 
 
 def _stage_dataset(

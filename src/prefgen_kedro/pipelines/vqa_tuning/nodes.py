@@ -29,7 +29,7 @@ from prefgen_kedro.models.mllm import (
     PreferenceContext,
     VqaDataset,
     add_lora,
-    vision_encoder,
+    frozen_parameters,
     vqa_loss,
 )
 from prefgen_kedro.models.vqa import (
@@ -121,8 +121,8 @@ def tune_mllm(
     model = mllm
     if params.lora is not None:
         model = add_lora(mllm, **params.lora.model_dump())
-    # The vision tower stays as pretrained (LLaVA's recipe; LoRA targets come from params).
-    frozen = {id(p) for p in vision_encoder(mllm).parameters()}
+    # The vision side stays as pretrained (LLaVA's recipe; LoRA targets come from params).
+    frozen = {id(p) for p in frozen_parameters(mllm)}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
     curve: list[dict] = []
