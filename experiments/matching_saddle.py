@@ -94,6 +94,31 @@ def counting_rule_accuracy(liked, disliked, query, label) -> float:
     return float(np.mean(np.where(score == 0, 0.5, (score > 0) == label)))
 
 
+def two_layer_llama(
+    width: int, *, matching: bool, initializer_range: float = 0.02, max_positions: int = 8
+) -> LlamaModel:
+    """The stand-in's language model: 2 layers, 4 heads; with ``matching`` each layer's key
+    projection starts equal to its query projection (std 0.15: two identical tokens' logit
+    ≈ 6 at width 64)."""
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=max_positions,
+        initializer_range=initializer_range,
+    )
+    llama = LlamaModel(config)
+    if matching:
+        with torch.no_grad():
+            for layer in llama.layers:
+                torch.nn.init.normal_(layer.self_attn.q_proj.weight, std=0.15)
+                layer.self_attn.k_proj.weight.copy_(layer.self_attn.q_proj.weight)
+    return llama
+
+
 class SymbolicJudge(torch.nn.Module):
     def __init__(self, *, matching: bool, text_readout: bool, seed: int) -> None:
         super().__init__()
@@ -104,21 +129,7 @@ class SymbolicJudge(torch.nn.Module):
         self.attributes.weight.requires_grad_(False)  # a frozen "vision tower"
         self.tags = torch.nn.Parameter(torch.randn(4, width) * 0.02)  # liked/disliked/query/read
         self.text_readout = text_readout
-        config = LlamaConfig(
-            vocab_size=8,
-            hidden_size=width,
-            intermediate_size=4 * width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=8,
-        )
-        self.llama = LlamaModel(config)
-        if matching:
-            with torch.no_grad():
-                for layer in self.llama.layers:
-                    torch.nn.init.normal_(layer.self_attn.q_proj.weight, std=0.15)
-                    layer.self_attn.k_proj.weight.copy_(layer.self_attn.q_proj.weight)
+        self.llama = two_layer_llama(width, matching=matching)
         self.head = torch.nn.Linear(width, 2)
 
     def forward(self, liked, disliked, query) -> torch.Tensor:
@@ -140,6 +151,14 @@ class SymbolicJudge(torch.nn.Module):
         return logits if several else logits[:, -1]
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, parameters: list, loss: torch.Tensor) -> None:
+    """One optimiser step on ``loss``, the gradient's norm clipped to 1."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+
+
 def run(condition: str, *, steps: int, seed: int) -> dict[str, float]:
     """Held-out accuracy at each of ``EVAL_KS`` after ``steps`` steps of training."""
     model = SymbolicJudge(
@@ -156,10 +175,7 @@ def run(condition: str, *, steps: int, seed: int) -> dict[str, float]:
         liked, disliked, query, label = sample_questions(rng, 128, int(rng.integers(1, 9)), queries)
         logits = model(liked, disliked, query).reshape(-1, 2)
         loss = F.cross_entropy(logits, torch.as_tensor(label.astype(int)).reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        clipped_step(optimizer, trainable, loss)
     result: dict[str, float] = {"seconds": time.perf_counter() - started}
     with torch.no_grad():
         for k in EVAL_KS:

@@ -100,3 +100,23 @@ def test_geometry_scores_every_row_on_the_shipped_clip(geometry):
         "attributes",
     }
     assert all(0.0 <= acc <= 1.0 for row in result.values() for acc in row.values())
+
+
+@pytest.mark.parametrize("condition", ["symbolic", "everything_shared_tags", "vocab_two_way"])
+def test_real_structure_rows_train_and_score(condition):
+    structure = _import("real_structure")
+    result = structure.run(condition, steps=2)
+    assert {f"K={k}" for k in structure.EVAL_KS} <= set(result)
+    assert all(0.0 <= result[f"K={k}"] <= 1.0 for k in structure.EVAL_KS)
+
+
+def test_real_structure_reads_each_query_at_its_last_token():
+    structure = _import("real_structure")
+    model = structure.StructuredJudge(
+        text=True, markers="own", patch=True, answers=True, vocab=True
+    )
+    liked, disliked, query, label = structure.sample_questions(np.random.default_rng(0), 4, 2, 3)
+    logits = model(liked, disliked, query, label)
+    assert logits.shape == (len(liked), 3, structure.VOCABULARY)
+    # Own tags: the markers' embeddings are not the tags.
+    assert model.tags is not None and model.tags.data_ptr() != model.words.data_ptr()

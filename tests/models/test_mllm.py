@@ -21,7 +21,9 @@ from prefgen_kedro.models.mllm import (
     PooledLlavaForConditionalGeneration,
     PreferenceContext,
     VqaDataset,
+    _FirstTokenAmong,
     add_lora,
+    answer_token_ids,
     build_tiny_mllm,
     build_tiny_processor,
     chat_text,
@@ -160,6 +162,42 @@ def test_only_answer_tokens_and_eos_carry_labels(world, examples, processor):
     assert 0.0 <= metrics["first_token_accuracy"] <= 1.0
 
 
+def test_yes_no_loss_scores_each_answers_first_token_on_yes_and_no_alone(world, processor):
+    pictures = list(world.pictures.values())
+    context = PreferenceContext(pictures[:1], pictures[1:2])
+    turns = [(query_prompt(), [pictures[3]], "No")]
+    items = [
+        encode_vqa(processor, context, pictures[2], "Yes", follow_ups=turns),
+        encode_vqa(processor, context, pictures[4], "No, because it is dotted"),
+    ]
+    batch = collate_vqa(items, pad_token_id=processor.tokenizer.pad_token_id)
+    model = tiny_mllm(processor).eval()
+    yes_id, no_id = answer_token_ids(processor.tokenizer)
+    loss, metrics = vqa_loss(model, batch, yes_no_ids=(yes_id, no_id))
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    targets, previous = batch["labels"][:, 1:], batch["labels"][:, :-1]
+    terms, hits = [], []
+    for row, column in (targets != IGNORE_INDEX).nonzero().tolist():
+        target = int(targets[row, column])
+        if previous[row, column] == IGNORE_INDEX:  # an answer's first token: Yes or No
+            pair = logits[row, column, [no_id, yes_id]]
+            terms.append(F.cross_entropy(pair[None], torch.tensor([int(target == yes_id)])))
+            hits.append(int(pair.argmax()) == int(target == yes_id))
+        else:  # its reason and eos: the LM loss
+            terms.append(F.cross_entropy(logits[row, column][None], torch.tensor([target])))
+    assert len(hits) == 3  # "Yes" and "No" of the first sample, "No" of the second
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+    assert metrics["first_token_accuracy"] == pytest.approx(sum(hits) / 3)
+    # The first generated token of an answer is "Yes" or "No" whatever else scores higher.
+    scores = torch.zeros(2, len(processor.tokenizer))
+    scores[:, 7] = 100.0
+    restricted = _FirstTokenAmong((yes_id, no_id), prompt_length=5)
+    first = restricted(torch.zeros(2, 5, dtype=torch.long), scores.clone())
+    assert set(first.argmax(1).tolist()) <= {yes_id, no_id}
+    assert torch.isinf(first).sum() == 2 * (len(processor.tokenizer) - 2)
+    assert torch.equal(restricted(torch.zeros(2, 6, dtype=torch.long), scores.clone()), scores)
+
+
 @pytest.mark.parametrize("assistant_role", [True, False])
 def test_follow_up_turns_are_the_chat_templates_conversation_each_answer_labelled(
     world, processor, assistant_role
@@ -216,17 +254,21 @@ def test_slot_positions_put_every_image_slot_on_one_range(world, processor):
     assert "position_ids" not in plain
 
 
-def test_group_tags_add_each_image_its_markers_embedding(world, processor):
+@pytest.mark.parametrize("own_group_tags", [False, True])
+def test_group_tags_add_each_image_its_markers_tag(world, processor, own_group_tags, tmp_path):
     pictures = list(world.pictures.values())
     context = PreferenceContext(pictures[:2], pictures[2:3])
     batch = collate_vqa(
         [encode_vqa(processor, context, pictures[3])],
         pad_token_id=processor.tokenizer.pad_token_id,
     )
-    tagged = tiny_mllm(processor, tag_image_groups=True).eval()
+    tagged = tiny_mllm(processor, tag_image_groups=True, own_group_tags=own_group_tags).eval()
     untagged = tiny_mllm(processor).eval()
+    untagged.load_state_dict(tagged.state_dict(), strict=False)  # the same weights but the tags
+    tagged.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     captured = {}
-    for name, model in (("tagged", tagged), ("untagged", untagged)):
+    for name, model in (("tagged", tagged), ("untagged", untagged), ("loaded", loaded)):
         model.model.language_model.register_forward_pre_hook(
             lambda _, args, kwargs, name=name: captured.update({name: kwargs["inputs_embeds"]}),
             with_kwargs=True,
@@ -237,12 +279,20 @@ def test_group_tags_add_each_image_its_markers_embedding(world, processor):
     is_image = ids == processor.image_token_id
     difference = (captured["tagged"] - captured["untagged"])[0]
     assert (difference[~is_image] == 0).all()  # text is untouched
-    embed = tagged.get_input_embeddings().weight
+    assert torch.equal(captured["loaded"], captured["tagged"])
     markers = [processor.tokenizer.convert_tokens_to_ids(m) for m in MARKERS]
+    if own_group_tags:  # a table of their own, apart from the markers' input embeddings
+        table = tagged.model.group_tags.weight
+        tag_of = {marker: table[row] for row, marker in enumerate(sorted(markers))}
+    else:
+        tag_of = {marker: tagged.get_input_embeddings().weight[marker] for marker in markers}
     expected = [markers[0]] * 2 + [markers[1]] + [markers[2]]  # liked, liked, disliked, query
     for image, marker in enumerate(expected):
         rows = difference[is_image].view(4, GRID**2, -1)[image]
-        assert torch.allclose(rows, embed[marker].expand_as(rows), atol=1e-6)
+        assert torch.allclose(rows, tag_of[marker].expand_as(rows), atol=1e-6)
+    if own_group_tags:
+        with pytest.raises(ValueError, match="tag_image_groups"):
+            tiny_mllm(processor, own_group_tags=True)
 
 
 def test_vision_tower_starts_from_the_conditioning_clip(processor, make_conditioning_clip):

@@ -183,6 +183,7 @@ def test_evaluation_compares_the_judge_with_the_counting_rule(pool, processor):
     assert result["counting_rule"] > 0.6
 
 
+# attribute_token: with own group tags and the yes/no answer loss too
 @pytest.mark.parametrize("attribute_token", [False, True])
 def test_pretrain_runs_the_stages_in_order_and_resumes_them(
     pool, tmp_path, make_conditioning_clip, attribute_token
@@ -191,7 +192,12 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
     train = {"batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2, "seed": 0}
     params = MllmPretrainParams.model_validate(
         {
-            "architecture": ARCHITECTURE | {"vocab_size": 400, "attribute_token": attribute_token},
+            "architecture": ARCHITECTURE
+            | {
+                "vocab_size": 400,
+                "attribute_token": attribute_token,
+                "own_group_tags": attribute_token,
+            },
             "attribute_readout": {"steps": 20, "batch_size": 32},
             "slot_positions": True,
             "simulated_users": {"n_liked": 2, "n_disliked": 2},
@@ -202,6 +208,7 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
                     "task": "preference",
                     "k": (1, 2),
                     "copy_probability": 0.5,
+                    "answer_loss": "yes_no" if attribute_token else "language_model",
                     "train": train | {"max_steps": 3},
                 },
             ],
@@ -232,6 +239,7 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
         assert "attribute_readout_heldout_accuracy" not in report["metrics"]
         return
     assert set(report["metrics"]["attribute_readout_heldout_accuracy"]) == set(CATEGORIES)
+    assert model.model.group_tags.weight.shape == (3, ARCHITECTURE["text_width"])
     # The read-out is fitted first, then frozen through every stage.
     fitted = attribute_mllm(processor, clip)
     fit_attribute_readout(fitted, pool, steps=20, learning_rate=1e-2, batch_size=32, seed=0)

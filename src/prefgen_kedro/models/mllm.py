@@ -35,14 +35,17 @@ Public API:
 - ``train_tokenizer``, ``build_tiny_processor``, ``build_tiny_mllm`` — build the tiny one.
 - ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
   ``VqaDataset`` — model inputs, with labels only on the answer tokens and the eos.
-- ``vqa_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train``.
-- ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model; ``vision_encoder``.
+- ``vqa_loss``, ``answer_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train`` (the
+  LM loss, or "Yes"/"No" on those two logits alone); ``answer_token_ids``.
+- ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model; ``vision_encoder``
+  and ``frozen_parameters`` (what LLaVA's recipe keeps frozen).
 - ``MllmPreferenceModel`` — ``hidden_states``, ``judge`` (P("Yes")), ``answer``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,6 +66,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaProcessor,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -135,6 +140,8 @@ class PooledLlavaConfig(LlavaConfig):
     cls_token_last: bool = False
     # Sizes of the attribute categories an image's attribute token reads (``_PooledProjector``).
     attribute_categories: list[int] | None = None
+    # Marker token ids whose images get a tag of their own (``PooledLlavaModel``).
+    group_tag_markers: list[int] | None = None
 
 
 class _PooledProjector(LlavaMultiModalProjector):
@@ -199,14 +206,34 @@ class _PooledProjector(LlavaMultiModalProjector):
 
 class PooledLlavaModel(LlavaModel):
     """``LlavaModel`` with the pooling projector and, with ``tag_image_groups``, image tokens
-    that carry the embedding of the token right before their run (the group marker)."""
+    that carry a tag of the token right before their run (the group marker): the marker's
+    input embedding or, with ``group_tag_markers``, a row of ``group_tags`` of its own.
+
+    Its own: a marker's embedding is also the marker token's input, where the RMS norm scales
+    it up to a whole token; that use's gradient swamps the small tag's, and a symbolic stand-in
+    that shared them stayed at chance where separate tags learned (experiments/README.md).
+    """
 
     config_class = PooledLlavaConfig
 
     def __init__(self, config: PooledLlavaConfig) -> None:
         super().__init__(config)
         self.multi_modal_projector = _PooledProjector(config)
+        markers = config.group_tag_markers or []
+        if markers:
+            self.group_tags = nn.Embedding(len(markers), config.text_config.hidden_size)
         self.post_init()
+
+    def _group_tags(self, markers: torch.Tensor) -> torch.Tensor:
+        if not self.config.group_tag_markers:
+            return self.get_input_embeddings()(markers)
+        is_marker = markers[:, None] == torch.tensor(
+            self.config.group_tag_markers, device=markers.device
+        )
+        if not is_marker.any(1).all():
+            unknown = sorted(set(markers[~is_marker.any(1)].tolist()))
+            raise ValueError(f"images after tokens {unknown}, not group markers, have no tag")
+        return self.group_tags(is_marker.int().argmax(1))
 
     def forward(
         self,
@@ -231,7 +258,7 @@ class PooledLlavaModel(LlavaModel):
         is_image = input_ids == self.config.image_token_id
         before = F.pad(input_ids[:, :-1], (1, 0), value=self.config.image_token_id)
         run_starts = is_image & (before != self.config.image_token_id)
-        tags = self.get_input_embeddings()(before[run_starts])  # one per image, in order
+        tags = self._group_tags(before[run_starts])  # one per image, in order
         image_outputs.pooler_output = [
             features + tag for features, tag in zip(image_outputs.pooler_output, tags, strict=True)
         ]
@@ -344,6 +371,7 @@ def build_tiny_mllm(
     initializer_range: float = 0.02,
     matching_attention_std: float = 0.0,
     attribute_categories: Sequence[int] | None = None,
+    own_group_tags: bool = False,
 ) -> PooledLlavaForConditionalGeneration:
     """The tiny LLaVA, randomly initialised with ``seed``.
 
@@ -377,9 +405,14 @@ def build_tiny_mllm(
     1/sqrt(categories), so a confident token's features (about unit variance) dominate its
     group tag, as in the symbolic stand-in that learned to compare; fit its read-out with
     ``fit_attribute_readout`` before training.
+
+    With ``own_group_tags`` (and ``tag_image_groups``) each group's tag is a row of a table
+    of its own, drawn with std 0.02, not its marker's input embedding (``PooledLlavaModel``).
     """
     if (vision_config is None) == (vision_from is None):
         raise ValueError("give exactly one of vision_config and vision_from")
+    if own_group_tags and not tag_image_groups:
+        raise ValueError("own_group_tags are group tags: set tag_image_groups too")
     vision = (
         vision_from.config.vision_config.to_dict()
         if vision_from is not None
@@ -410,11 +443,15 @@ def build_tiny_mllm(
         tag_image_groups=tag_image_groups,
         cls_token_last=cls_token_last,
         attribute_categories=list(attribute_categories) if attribute_categories else None,
+        group_tag_markers=sorted(_marker_ids(tokenizer)) if own_group_tags else None,
     )
     torch.manual_seed(seed)
     model = PooledLlavaForConditionalGeneration(config)
     if vision_from is not None:
         model.model.vision_tower.load_state_dict(vision_from.vision_model.state_dict())
+    if own_group_tags:
+        # Small beside the image features, as the symbolic stand-in's tags that learned.
+        nn.init.normal_(model.model.group_tags.weight, std=0.02)
     if attribute_categories:
         nn.init.normal_(
             model.model.multi_modal_projector.attribute_embeddings.weight,
@@ -680,18 +717,61 @@ class VqaDataset(Dataset):
         return collate_vqa(items, pad_token_id=self.processor.tokenizer.pad_token_id)
 
 
+def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """The first tokens of "Yes" and "No", which must differ."""
+    yes_id, no_id = (tokenizer(word, add_special_tokens=False).input_ids[0] for word in (YES, NO))
+    if yes_id == no_id:
+        raise ValueError(f"{YES!r} and {NO!r} start with the same token")
+    return yes_id, no_id
+
+
 def vqa_loss(
-    model: nn.Module, batch: Mapping[str, torch.Tensor]
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    yes_no_ids: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The LM loss on the answer tokens (the only labelled ones), and how often the first
-    answer token (Yes/No) is the model's top prediction."""
-    output = model(**batch)
-    labels = batch["labels"]
-    first = (labels != IGNORE_INDEX).int().argmax(dim=1)
-    rows = torch.arange(len(labels), device=labels.device)
-    predicted = output.logits[rows, first - 1].argmax(dim=-1)
-    accuracy = (predicted == labels[rows, first]).float().mean()
-    return output.loss, {"first_token_accuracy": float(accuracy)}
+    answer token (Yes/No) is the model's top prediction.
+
+    With ``yes_no_ids`` (``answer_token_ids``) every answer's first token that is "Yes" or
+    "No" is scored on those two logits alone (a two-way cross-entropy, as the judge reads
+    them), the other answer tokens by the LM loss, averaged over all; the accuracy is then
+    "Yes" against "No". A 1,024-way answer kept a symbolic stand-in at chance where the
+    two-way one learned (experiments/README.md).
+    """
+    if yes_no_ids is None:
+        output = model(**batch)
+        labels = batch["labels"]
+        first = (labels != IGNORE_INDEX).int().argmax(dim=1)
+        rows = torch.arange(len(labels), device=labels.device)
+        predicted = output.logits[rows, first - 1].argmax(dim=-1)
+        accuracy = (predicted == labels[rows, first]).float().mean()
+        return output.loss, {"first_token_accuracy": float(accuracy)}
+    output = model(**{key: value for key, value in batch.items() if key != "labels"})
+    logits, targets = output.logits[:, :-1].float(), batch["labels"][:, 1:]
+    yes_id, no_id = yes_no_ids
+    starts = (targets != IGNORE_INDEX) & (batch["labels"][:, :-1] == IGNORE_INDEX)
+    first = starts & ((targets == yes_id) | (targets == no_id))
+    rest = (targets != IGNORE_INDEX) & ~first
+    pair = logits[first][:, [no_id, yes_id]]
+    said_yes = (targets[first] == yes_id).long()
+    loss = F.cross_entropy(pair, said_yes, reduction="sum") + F.cross_entropy(
+        logits[rest], targets[rest], reduction="sum"
+    )
+    loss = loss / (first.sum() + rest.sum()).clamp_min(1)
+    accuracy = (pair.argmax(dim=-1) == said_yes).float().mean() if len(pair) else torch.tensor(0.0)
+    return loss, {"first_token_accuracy": float(accuracy)}
+
+
+def answer_loss(
+    kind: Literal["language_model", "yes_no"], tokenizer: PreTrainedTokenizerBase
+) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
+    """``vqa_loss`` as a trainer's ``compute_loss``: the LM loss on every answer token, or
+    with "yes_no" each answer's "Yes"/"No" on those two logits alone."""
+    if kind == "yes_no":
+        return functools.partial(vqa_loss, yes_no_ids=answer_token_ids(tokenizer))
+    return vqa_loss
 
 
 def frozen_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
@@ -750,6 +830,23 @@ def add_lora(
 # ---- inference ---------------------------------------------------------------------------
 
 
+class _FirstTokenAmong(LogitsProcessor):
+    """Greedy decoding whose first generated token is one of ``allowed``: a model whose
+    answer was trained on the "Yes" and "No" logits alone (``vqa_loss(yes_no_ids=...)``)
+    need not rank them above every other token."""
+
+    def __init__(self, allowed: Sequence[int], prompt_length: int) -> None:
+        self.allowed = list(allowed)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_length:
+            return scores
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.allowed] = scores[:, self.allowed]
+        return masked
+
+
 class MllmPreferenceModel:
     """Batched inference on a (possibly LoRA-wrapped) MLLM and its processor.
 
@@ -770,12 +867,7 @@ class MllmPreferenceModel:
         self.slot_positions = slot_positions
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        tokenizer = processor.tokenizer
-        self.yes_id, self.no_id = (
-            tokenizer(word, add_special_tokens=False).input_ids[0] for word in (YES, NO)
-        )
-        if self.yes_id == self.no_id:
-            raise ValueError(f"{YES!r} and {NO!r} start with the same token")
+        self.yes_id, self.no_id = answer_token_ids(processor.tokenizer)
 
     @torch.inference_mode()
     def hidden_states(
@@ -820,18 +912,25 @@ class MllmPreferenceModel:
         question: str = QUESTION,
     ) -> list[str]:
         """The greedy answer for each (context, query): with the default question, "Yes"/"No"
-        and its reason; with ``TASTE_QUESTION`` and no queries, the user's taste."""
+        (the first token is one of the two, as ``judge`` reads it) and its reason; with
+        ``TASTE_QUESTION`` and no queries, the user's taste."""
         tokenizer = self.processor.tokenizer
         answers = []
         for batch in self._batches(contexts, queries, question):
+            prompt_length = batch["input_ids"].shape[1]
+            first_token = (
+                [_FirstTokenAmong((self.yes_id, self.no_id), prompt_length)]
+                if question == QUESTION
+                else []
+            )
             generated = self.model.generate(
                 **batch,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                logits_processor=LogitsProcessorList(first_token),
             )
-            prompt_length = batch["input_ids"].shape[1]
             answers += tokenizer.batch_decode(
                 generated[:, prompt_length:], skip_special_tokens=True
             )

@@ -47,6 +47,7 @@ from prefgen_kedro.models.clip import to_pixel_values
 from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PreferenceContext,
+    answer_loss,
     build_tiny_mllm,
     build_tiny_processor,
     collate_vqa,
@@ -55,7 +56,6 @@ from prefgen_kedro.models.mllm import (
     frozen_parameters,
     train_tokenizer,
     vision_encoder,
-    vqa_loss,
 )
 from prefgen_kedro.models.vqa import (
     IMAGE_PLACEHOLDER,
@@ -96,6 +96,7 @@ class MllmArchitecture(BaseModel, extra="forbid"):
     matching_attention_std: float = Field(default=0.0, ge=0.0)
     assistant_role: bool = True  # the tiny chat template's, see ``tiny_chat_template``
     attribute_token: bool = False  # see ``build_tiny_mllm``'s ``attribute_categories``
+    own_group_tags: bool = False  # see ``build_tiny_mllm``
 
 
 class AttributeReadoutParams(BaseModel, extra="forbid"):
@@ -121,6 +122,8 @@ class MllmStage(BaseModel, extra="forbid"):
     taste_probability: float = Field(default=0.0, ge=0.0, le=1.0)
     reasons: bool = True
     queries: tuple[int, int] = (1, 1)  # questions per context, answered in turn (preference)
+    # "yes_no": each answer's "Yes"/"No" scored on those two logits alone (``vqa_loss``).
+    answer_loss: Literal["language_model", "yes_no"] = "language_model"
     train: TrainConfig
 
 
@@ -446,7 +449,7 @@ def pretrain(
         result = train(
             model,
             dataset,
-            vqa_loss,
+            answer_loss(stage.answer_loss, tokenizer),
             stage.train,
             checkpoint_root=checkpoint_root,
             name=f"mllm_{stage.name}",

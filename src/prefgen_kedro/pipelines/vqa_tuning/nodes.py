@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import matplotlib
 
@@ -29,8 +30,8 @@ from prefgen_kedro.models.mllm import (
     PreferenceContext,
     VqaDataset,
     add_lora,
+    answer_loss,
     frozen_parameters,
-    vqa_loss,
 )
 from prefgen_kedro.models.vqa import (
     VqaExample,
@@ -69,6 +70,8 @@ class VqaTuningParams(StrictParams):
     curve_every: int = Field(ge=1)  # steps between learning-curve points (× log_every)
     curve_questions: int = Field(ge=2)
     judge_batch_size: int = Field(ge=1)
+    # "yes_no": each answer's "Yes"/"No" scored on those two logits alone (``vqa_loss``).
+    answer_loss: Literal["language_model", "yes_no"] = "language_model"
 
 
 def make_vqa_examples(
@@ -138,11 +141,12 @@ def tune_mllm(
         result = train(
             model,
             dataset,
-            vqa_loss,
+            answer_loss(params.answer_loss, processor.tokenizer),
             stage.train,
             checkpoint_root=params.checkpoint_root,
             name=f"vqa_tuning_stage{index}",
             fingerprint=f"examples={_examples_fingerprint(examples)} lora={params.lora} "
+            f"loss={params.answer_loss} "
             f"previous={[s.model_dump_json() for s in params.stages[:index]]}",
             collate_fn=dataset.collate,
             trainable_parameters=trainable,
