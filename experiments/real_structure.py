@@ -94,7 +94,6 @@ class StructuredJudge(torch.nn.Module):
         prior: float = 0.0,
         init: float = 0.02,
         seed: int = 0,
-        two_way: bool = False,  # a training choice (``run``); accepted here with the rest
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -179,12 +178,13 @@ class StructuredJudge(torch.nn.Module):
 
 def run(condition: str, *, steps: int, seed: int = 0) -> dict[str, float]:
     """Held-out accuracy (single queries) at each of ``EVAL_KS`` after ``steps`` steps."""
-    settings = CONDITIONS[condition]
+    settings = dict(CONDITIONS[condition])
+    two_way = settings.pop("two_way", False)  # how it trains, not what it is
     model = StructuredJudge(seed=seed, **settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    vocab, two_way = settings.get("vocab", False), settings.get("two_way", False)
+    vocab = settings.get("vocab", False)
     started = time.perf_counter()
     for _ in range(steps):
         k = int(rng.integers(1, 9))

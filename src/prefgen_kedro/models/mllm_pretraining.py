@@ -493,7 +493,9 @@ def _category_labels(renders: RenderSet) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _readout_inputs(model: PreTrainedModel, renders: RenderSet, batch_size: int = 500):
+def _readout_inputs(
+    model: PreTrainedModel, renders: RenderSet, batch_size: int = 500
+) -> torch.Tensor:
     """What the attribute read-out reads for every render (the frozen vision tower's CLS
     token and mean patch at the model's feature layer), with a progress bar."""
     tower = vision_encoder(model)
