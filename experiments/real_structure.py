@@ -16,7 +16,9 @@ initialisation, a 2-layer width-64 Llama, images as the sums of their attribute 
 - ``vocab``: the answer read by a 1,024-way head (the language model's next token) instead of
   a two-way one; ``prior`` starts that head's bias at +12 for "Yes" and "No"; ``two_way``
   trains it on the two answers' logits only (a loss restricted to the answers);
-- ``init``: the language model's and the tokens' ``initializer_range`` (the real model's 0.08).
+- ``init``: the language model's and the tokens' ``initializer_range`` (the real model's 0.08);
+- ``copies``: half the training queries copies of a context image of their side (the
+  pretraining stages' ``copy_probability``; held-out queries never are).
 
 ``python -m experiments.real_structure [--steps 250]`` prints held-out accuracy at K = 1/4/8
 for each row (250 steps of 128 contexts: 20-100 s each on a 2-core CPU).
@@ -77,6 +79,12 @@ CONDITIONS: dict[str, dict] = {
         "two_way": True,
         "init": 0.08,
     },
+}
+# The same with half the training queries copies of a context image of their side (the
+# pretraining stages' ``copy_probability``); held-out questions are never copies.
+CONDITIONS["everything_own_tags_two_way_copies"] = {
+    **CONDITIONS["everything_own_tags_two_way"],
+    "copies": 0.5,
 }
 
 
@@ -176,10 +184,28 @@ class StructuredJudge(torch.nn.Module):
         return self.head(hidden[:, read])
 
 
+def copy_queries(
+    rng: np.random.Generator,
+    liked: np.ndarray,
+    disliked: np.ndarray,
+    query: np.ndarray,
+    label: np.ndarray,
+    probability: float,
+) -> np.ndarray:
+    """``query`` (n, queries, 5) with each query, with ``probability``, replaced by a random
+    context image of its label's side (so its label stays true)."""
+    rows = np.arange(len(query))[:, None]
+    pick = rng.integers(0, liked.shape[1], label.shape)
+    same_side = np.where(label[..., None], liked[rows, pick], disliked[rows, pick])
+    return np.where((rng.random(label.shape) < probability)[..., None], same_side, query)
+
+
 def run(condition: str, *, steps: int, seed: int = 0) -> dict[str, float]:
     """Held-out accuracy (single queries) at each of ``EVAL_KS`` after ``steps`` steps."""
     settings = dict(CONDITIONS[condition])
-    two_way = settings.pop("two_way", False)  # how it trains, not what it is
+    # How it trains, not what it is:
+    two_way = settings.pop("two_way", False)
+    copies = settings.pop("copies", 0.0)
     model = StructuredJudge(seed=seed, **settings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
@@ -189,6 +215,8 @@ def run(condition: str, *, steps: int, seed: int = 0) -> dict[str, float]:
     for _ in range(steps):
         k = int(rng.integers(1, 9))
         liked, disliked, query, label = sample_questions(rng, 128, k, QUERIES)
+        if copies:
+            query = copy_queries(rng, liked, disliked, query, label, copies)
         logits = model(liked, disliked, query, label)
         target = torch.as_tensor(label.astype(int))
         if vocab and two_way:

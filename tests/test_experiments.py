@@ -102,7 +102,10 @@ def test_geometry_scores_every_row_on_the_shipped_clip(geometry):
     assert all(0.0 <= acc <= 1.0 for row in result.values() for acc in row.values())
 
 
-@pytest.mark.parametrize("condition", ["symbolic", "everything_shared_tags", "vocab_two_way"])
+@pytest.mark.parametrize(
+    "condition",
+    ["symbolic", "everything_shared_tags", "vocab_two_way", "everything_own_tags_two_way_copies"],
+)
 def test_real_structure_rows_train_and_score(condition):
     structure = _import("real_structure")
     result = structure.run(condition, steps=2)
@@ -120,3 +123,15 @@ def test_real_structure_reads_each_query_at_its_last_token():
     assert logits.shape == (len(liked), 3, structure.VOCABULARY)
     # Own tags: the markers' embeddings are not the tags.
     assert model.tags is not None and model.tags.data_ptr() != model.words.data_ptr()
+
+
+def test_real_structure_copies_keep_labels_true():
+    structure = _import("real_structure")
+    rng = np.random.default_rng(0)
+    liked, disliked, query, label = structure.sample_questions(rng, 50, 3, 4)
+    copied = structure.copy_queries(rng, liked, disliked, query, label, 1.0)
+    for row in range(len(label)):
+        for q in range(label.shape[1]):
+            side = liked[row] if label[row, q] else disliked[row]
+            assert any((image == copied[row, q]).all() for image in side)
+    assert (structure.copy_queries(rng, liked, disliked, query, label, 0.0) == query).all()

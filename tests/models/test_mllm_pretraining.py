@@ -91,11 +91,16 @@ def test_questions_are_balanced_true_to_the_user_and_never_show_the_query(pool, 
 
 
 def test_copied_queries_come_from_the_context_side_of_their_label(pool, processor):
-    _, asked = questions(pool, processor, copy_probability=1.0)
+    task, _ = questions(pool, processor, n=60, copy_probability=1.0, queries=(1, 4))
+    asked = [q for index in range(60) for q in task.questions(index)]
+    assert len(asked) > 100  # follow-ups are copies too
     for q in asked:
         assert q.query in (q.liked if q.label == LIKED else q.disliked)
     _, none = questions(pool, processor, copy_probability=0.0)
     assert not any(q.query in q.liked + q.disliked for q in none)
+    half, _ = questions(pool, processor, n=60, copy_probability=0.5, queries=(4, 4))
+    copied = [q.query in q.liked + q.disliked for i in range(60) for q in half.questions(i)]
+    assert 0.35 < np.mean(copied) < 0.65
 
 
 def test_follow_up_queries_are_fresh_balanced_and_each_answered(pool, processor):

@@ -208,11 +208,11 @@ class SimulatedUserVqa(_Task):
     The user has ``n_liked`` + ``n_disliked`` weighted attributes (as the project's users);
     its context is K pool images of positive and K of negative utility (K uniform in the
     range ``k``), the query one more of either sign (balanced), labelled without noise. With
-    probability ``copy_probability`` the query is a copy of one of the context images of its
-    side; with ``taste_probability`` the sample asks ``TASTE_QUESTION`` about the context
-    instead (no query): the user's liked and disliked attributes the context shows, which
-    makes the model summarise a context, the skill the preference answer and the probes
-    stand on. A preference sample asks about Q fresh queries in turn (Q uniform in the range
+    probability ``copy_probability`` a query (each of them) is a copy of one of the context
+    images of its side; with ``taste_probability`` the sample asks ``TASTE_QUESTION`` about
+    the context instead (no query): the user's liked and disliked attributes the context
+    shows, which makes the model summarise a context, the skill the preference answer and
+    the probes stand on. A preference sample asks about Q queries in turn (Q uniform in the range
     ``queries``), each answered before the next is asked: Q answers' gradients for one
     context's images (in a symbolic stand-in, 8 queries a context reached in 250 steps the
     K = 8 accuracy that one query a context reached in 500-750; experiments/README.md).
@@ -296,7 +296,11 @@ class SimulatedUserVqa(_Task):
         )
         for _ in range(n_follow_ups):
             side = LIKED if rng.random() < 0.5 else DISLIKED
-            query, unused[side] = _pop_random(rng, unused[side])
+            # Drawn only with copies on, so that runs without them keep their questions.
+            if self.copy_probability and rng.random() < self.copy_probability:
+                query = context[side][rng.integers(k)]
+            else:
+                query, unused[side] = _pop_random(rng, unused[side])
             asked.append(Question(user, *shown, query, side, self._answer(user, query, side)))
         return asked
 
