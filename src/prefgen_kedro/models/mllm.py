@@ -36,7 +36,7 @@ Public API:
 - ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
   ``VqaDataset`` — model inputs, with labels only on the answer tokens and the eos.
 - ``vqa_loss``, ``answer_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train`` (the
-  LM loss, or "Yes"/"No" on those two logits alone); ``answer_token_ids``.
+  LM loss, or "Yes"/"No" on those two logits alone: ``AnswerLoss``); ``answer_token_ids``.
 - ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model; ``vision_encoder``
   and ``frozen_parameters`` (what LLaVA's recipe keeps frozen).
 - ``MllmPreferenceModel`` — ``hidden_states``, ``judge`` (P("Yes")), ``answer``.
@@ -717,6 +717,10 @@ class VqaDataset(Dataset):
         return collate_vqa(items, pad_token_id=self.processor.tokenizer.pad_token_id)
 
 
+# How an answer is scored: the LM loss on every answer token, or "yes_no" (``vqa_loss``).
+AnswerLoss = Literal["language_model", "yes_no"]
+
+
 def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """The first tokens of "Yes" and "No", which must differ."""
     yes_id, no_id = (tokenizer(word, add_special_tokens=False).input_ids[0] for word in (YES, NO))
@@ -765,7 +769,7 @@ def vqa_loss(
 
 
 def answer_loss(
-    kind: Literal["language_model", "yes_no"], tokenizer: PreTrainedTokenizerBase
+    kind: AnswerLoss, tokenizer: PreTrainedTokenizerBase
 ) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
     """``vqa_loss`` as a trainer's ``compute_loss``: the LM loss on every answer token, or
     with "yes_no" each answer's "Yes"/"No" on those two logits alone."""

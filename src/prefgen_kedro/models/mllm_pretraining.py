@@ -45,6 +45,7 @@ from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 from prefgen_kedro.data.tables import DISLIKED, LIKED
 from prefgen_kedro.models.clip import to_pixel_values
 from prefgen_kedro.models.mllm import (
+    AnswerLoss,
     MllmPreferenceModel,
     PreferenceContext,
     answer_loss,
@@ -123,7 +124,7 @@ class MllmStage(BaseModel, extra="forbid"):
     reasons: bool = True
     queries: tuple[int, int] = (1, 1)  # questions per context, answered in turn (preference)
     # "yes_no": each answer's "Yes"/"No" scored on those two logits alone (``vqa_loss``).
-    answer_loss: Literal["language_model", "yes_no"] = "language_model"
+    answer_loss: AnswerLoss = "language_model"
     train: TrainConfig
 
 

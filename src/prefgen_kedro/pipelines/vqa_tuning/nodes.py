@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 import matplotlib
 
@@ -26,6 +25,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.mllm import (
+    AnswerLoss,
     MllmPreferenceModel,
     PreferenceContext,
     VqaDataset,
@@ -71,7 +71,7 @@ class VqaTuningParams(StrictParams):
     curve_questions: int = Field(ge=2)
     judge_batch_size: int = Field(ge=1)
     # "yes_no": each answer's "Yes"/"No" scored on those two logits alone (``vqa_loss``).
-    answer_loss: Literal["language_model", "yes_no"] = "language_model"
+    answer_loss: AnswerLoss = "language_model"
 
 
 def make_vqa_examples(
