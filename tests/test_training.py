@@ -104,6 +104,26 @@ def test_finished_run_started_again_trains_nothing(tmp_path: Path) -> None:
         assert torch.equal(got, want)
 
 
+def test_values_on_log_returns_join_the_history_and_survive_a_resume(tmp_path: Path) -> None:
+    def score_step_4(step: int, entry: dict[str, float]) -> dict[str, float] | None:
+        return {"val_score": 10.0 * step} if step == 4 else None
+
+    first = train(
+        make_model(),
+        make_dataset(),
+        mse,
+        config(max_steps=4),
+        checkpoint_root=tmp_path,
+        name="m",
+        on_log=score_step_4,
+    )
+    again = train(
+        make_model(), make_dataset(), mse, config(max_steps=4), checkpoint_root=tmp_path, name="m"
+    )
+    assert [entry.get("val_score") for entry in first.history] == [None, 40.0]
+    assert again.resumed_from == 4 and again.history == first.history
+
+
 def test_non_finite_loss_names_the_step(tmp_path: Path) -> None:
     calls = 0
 

@@ -11,6 +11,7 @@ Public API:
   collate_fn=None, trainable_parameters=None, on_log=None, description=None) -> TrainResult``.
   ``compute_loss(prepared_model, batch)`` returns a scalar loss, or ``(loss, {metric: float})``;
   it is handed the *prepared* model (DDP-wrapped under ``accelerate launch``), so call that one.
+  ``on_log(step, entry)`` may return values (a validation score) that join the history entry.
 - ``TrainResult`` — ``history`` (one entry per ``log_every`` steps and at the end: the window
   means of ``loss`` and every metric, plus ``step``, ``lr`` and ``samples_seen``), ``steps``,
   ``wall_seconds`` (of this call), ``resumed_from`` (the step of the checkpoint resumed, or
@@ -42,7 +43,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,8 @@ from transformers import get_cosine_schedule_with_warmup
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
+# Called with each history entry; what it returns (or None) is added to the entry.
+LogFn = Callable[[int, dict[str, float]], Mapping[str, float] | None]
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -133,7 +136,7 @@ def train(
     fingerprint: str = "",
     collate_fn: Callable[[list[Any]], Any] | None = None,
     trainable_parameters: Iterable[nn.Parameter] | None = None,
-    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_log: LogFn | None = None,
     description: str | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``config.max_steps`` optimizer steps, resuming if possible.
@@ -143,7 +146,9 @@ def train(
     and every flag and the train/eval mode are restored afterwards. ``fingerprint`` must name
     whatever else shapes the result (data, model, loss, which parameters train), since it picks
     the run folder together with the config. ``on_log(step, entry)`` is called on the main
-    process with each history entry; ``description`` labels the progress bar (default ``name``).
+    process with each history entry; the values it returns (a validation score, say) join that
+    entry, so they are checkpointed with the history and a resumed run still reports them.
+    ``description`` labels the progress bar (default ``name``).
     """
     started = time.perf_counter()
     size = len(dataset)  # type: ignore[arg-type]
@@ -251,7 +256,7 @@ def _run_steps(
     run_dir: Path,
     last_checkpoint: Path | None,
     name: str,
-    on_log: Callable[[int, dict[str, float]], None] | None,
+    on_log: LogFn | None,
     description: str,
 ) -> None:
     """The loop proper: ``state`` (step, history, open log window) is updated in place."""
@@ -301,7 +306,7 @@ def _run_steps(
                 state["history"].append(entry)
                 state["window"] = window = {"count": 0, "sums": {}}
                 if on_log is not None and accelerator.is_main_process:
-                    on_log(step, entry)
+                    entry.update(on_log(step, entry) or {})
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 last_checkpoint = _save_checkpoint(accelerator, run_dir, state, config)
     finally:

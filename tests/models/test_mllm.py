@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +72,20 @@ def world():
     )
 
 
+def sample_examples(world, **overrides):
+    settings = {
+        "splits": ["train", "val", "test"],
+        "k": 2,
+        "samples_per_user": 2,
+        "seed": 0,
+        "with_reasons": True,
+    } | overrides
+    return sample_vqa_examples(world.images, world.interactions, world.users, **settings)
+
+
 @pytest.fixture(scope="module")
 def examples(world):
-    return sample_vqa_examples(
-        world.images,
-        world.interactions,
-        world.users,
-        splits=["train", "val", "test"],
-        k=2,
-        samples_per_user=2,
-        seed=0,
-        with_reasons=True,
-    )
+    return sample_examples(world)
 
 
 @pytest.fixture(scope="module")
@@ -176,18 +179,22 @@ def test_yes_no_loss_scores_each_answers_first_token_on_yes_and_no_alone(world, 
     loss, metrics = vqa_loss(model, batch, yes_no_ids=(yes_id, no_id))
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
     targets, previous = batch["labels"][:, 1:], batch["labels"][:, :-1]
-    terms, hits = [], []
+    decisions, wording, hits = [], [], []
     for row, column in (targets != IGNORE_INDEX).nonzero().tolist():
         target = int(targets[row, column])
         if previous[row, column] == IGNORE_INDEX:  # an answer's first token: Yes or No
             pair = logits[row, column, [no_id, yes_id]]
-            terms.append(F.cross_entropy(pair[None], torch.tensor([int(target == yes_id)])))
+            decisions.append(F.cross_entropy(pair[None], torch.tensor([int(target == yes_id)])))
             hits.append(int(pair.argmax()) == int(target == yes_id))
         else:  # its reason and eos: the LM loss
-            terms.append(F.cross_entropy(logits[row, column][None], torch.tensor([target])))
+            wording.append(F.cross_entropy(logits[row, column][None], torch.tensor([target])))
     assert len(hits) == 3  # "Yes" and "No" of the first sample, "No" of the second
-    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+    assert torch.allclose(loss, torch.stack(decisions + wording).mean(), atol=1e-5)
     assert metrics["first_token_accuracy"] == pytest.approx(sum(hits) / 3)
+    # Balanced: the decisions' mean plus the other tokens' mean, whatever their numbers.
+    balanced, _ = vqa_loss(model, batch, yes_no_ids=(yes_id, no_id), balanced=True)
+    by_hand = torch.stack(decisions).mean() + torch.stack(wording).mean()
+    assert torch.allclose(balanced, by_hand, atol=1e-5)
     # The first generated token of an answer is "Yes" or "No" whatever else scores higher.
     scores = torch.zeros(2, len(processor.tokenizer))
     scores[:, 7] = 100.0
@@ -334,6 +341,27 @@ def test_matching_attention_starts_with_each_layers_key_projection_equal_to_its_
     assert (scores.diagonal(dim1=1, dim2=2) > 0).all()
     untied = tiny_mllm(processor).model.language_model.layers[0].self_attn
     assert not torch.equal(untied.q_proj.weight, untied.k_proj.weight)
+
+
+def test_a_chat_asks_its_follow_up_questions_in_turn(world, processor):
+    examples = sample_examples(
+        world, splits=["train"], k=1, samples_per_user=3, questions_per_context=2
+    )
+    dataset = VqaDataset(examples, world.pictures, processor)
+    opening, follow_up = examples[:2]
+    assert len(dataset) == 2 * len({e.user_id for e in examples})
+    pictures = world.pictures
+    expected = encode_vqa(
+        processor,
+        PreferenceContext([pictures[opening.liked[0]]], [pictures[opening.disliked[0]]]),
+        pictures[opening.query],
+        opening.answer,
+        follow_ups=[(query_prompt(), [pictures[follow_up.query]], follow_up.answer)],
+    )
+    assert all(torch.equal(dataset[0][key], value) for key, value in expected.items())
+    orphan = dataclasses.replace(follow_up, liked=opening.disliked)
+    with pytest.raises(ValueError, match="VQA example 1 .* does not share the context"):
+        VqaDataset([opening, orphan], world.pictures, processor)
 
 
 @pytest.mark.parametrize("assistant_role", [True, False])

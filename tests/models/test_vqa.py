@@ -154,6 +154,26 @@ def test_sampling_is_deterministic_and_skips_short_histories(world, caplog):
         sample(world, splits=["training"])
 
 
+def test_questions_sharing_a_context_are_consecutive_turns_it_never_shows(world):
+    single = sample(world, samples_per_user=5)
+    examples = sample(world, samples_per_user=5, questions_per_context=3)
+    # The first user's queries and labels as asked one a context (later users' differ: fewer
+    # contexts are drawn), 3 to a context, then the last 2.
+    assert [(e.query, e.label) for e in examples[:5]] == [(e.query, e.label) for e in single[:5]]
+    assert [e.turn for e in examples] == [0, 1, 2, 0, 1] * (len(examples) // 5)
+    chats: list[list] = []
+    for example in examples:
+        if example.turn == 0:
+            chats.append([])
+        chats[-1].append(example)
+    for chat in chats:
+        assert len({(e.user_id, e.liked, e.disliked) for e in chat}) == 1
+        assert not {e.query for e in chat} & {*chat[0].liked, *chat[0].disliked}
+    assert sample(world, questions_per_context=3) == sample(world, questions_per_context=3)
+    with pytest.raises(ValueError, match="questions_per_context"):
+        sample(world, questions_per_context=0)
+
+
 def test_prompt_has_one_marked_placeholder_per_image_in_group_order():
     prompt = build_prompt(3, 2)
     assert prompt.count(IMAGE_PLACEHOLDER) == 6

@@ -36,7 +36,8 @@ Public API:
 - ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
   ``VqaDataset`` — model inputs, with labels only on the answer tokens and the eos.
 - ``vqa_loss``, ``answer_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train`` (the
-  LM loss, or "Yes"/"No" on those two logits alone: ``AnswerLoss``); ``answer_token_ids``.
+  LM loss, or "Yes"/"No" on those two logits alone, optionally weighed apart from the
+  reason: ``AnswerLoss``); ``answer_token_ids``.
 - ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model; ``vision_encoder``
   and ``frozen_parameters`` (what LLaVA's recipe keeps frozen).
 - ``MllmPreferenceModel`` — ``hidden_states``, ``judge`` (P("Yes")), ``answer``.
@@ -84,6 +85,7 @@ from prefgen_kedro.models.vqa import (
     YES,
     VqaExample,
     build_prompt,
+    query_prompt,
 )
 
 IGNORE_INDEX = -100  # the label transformers' causal LM loss skips
@@ -681,7 +683,9 @@ def _marker_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 
 
 class VqaDataset(Dataset):
-    """``VqaExample``s as training samples; ``collate`` is the trainer's ``collate_fn``."""
+    """``VqaExample``s as training samples, one chat per context: an example with ``turn`` 0
+    and the follow-ups after it, each answered before the next is asked. ``collate`` is the
+    trainer's ``collate_fn``."""
 
     def __init__(
         self,
@@ -691,16 +695,31 @@ class VqaDataset(Dataset):
         *,
         slot_positions: bool = False,
     ) -> None:
-        self.examples = list(examples)
+        self.chats: list[list[VqaExample]] = []
+        for index, example in enumerate(examples):
+            if example.turn == 0:
+                self.chats.append([example])
+                continue
+            opening = self.chats[-1][0] if self.chats else None
+            if opening is None or (opening.user_id, opening.liked, opening.disliked) != (
+                example.user_id,
+                example.liked,
+                example.disliked,
+            ):
+                raise ValueError(
+                    f"VQA example {index} (user {example.user_id}, turn {example.turn}) is a "
+                    "follow-up but does not share the context of the example opening its chat"
+                )
+            self.chats[-1].append(example)
         self.pictures = pictures
         self.processor = processor
         self.slot_positions = slot_positions
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.chats)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        example = self.examples[index]
+        example, *follow_ups = self.chats[index]
         context = PreferenceContext(
             liked=[self.pictures[i] for i in example.liked],
             disliked=[self.pictures[i] for i in example.disliked],
@@ -711,14 +730,16 @@ class VqaDataset(Dataset):
             self.pictures[example.query],
             example.answer,
             slot_positions=self.slot_positions,
+            follow_ups=[(query_prompt(), [self.pictures[e.query]], e.answer) for e in follow_ups],
         )
 
     def collate(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate_vqa(items, pad_token_id=self.processor.tokenizer.pad_token_id)
 
 
-# How an answer is scored: the LM loss on every answer token, or "yes_no" (``vqa_loss``).
-AnswerLoss = Literal["language_model", "yes_no"]
+# How an answer is scored: the LM loss on every answer token, or "yes_no" / "yes_no_balanced"
+# (``vqa_loss``).
+AnswerLoss = Literal["language_model", "yes_no", "yes_no_balanced"]
 
 
 def answer_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
@@ -734,6 +755,7 @@ def vqa_loss(
     batch: Mapping[str, torch.Tensor],
     *,
     yes_no_ids: tuple[int, int] | None = None,
+    balanced: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The LM loss on the answer tokens (the only labelled ones), and how often the first
     answer token (Yes/No) is the model's top prediction.
@@ -742,7 +764,9 @@ def vqa_loss(
     "No" is scored on those two logits alone (a two-way cross-entropy, as the judge reads
     them), the other answer tokens by the LM loss, averaged over all; the accuracy is then
     "Yes" against "No". A 1,024-way answer kept a symbolic stand-in at chance where the
-    two-way one learned (experiments/README.md).
+    two-way one learned (experiments/README.md). With ``balanced`` the two parts are averaged
+    apart and added, so the decision weighs as much as its reason however many tokens the
+    reason has (averaged together, a 7-token reason is 7/8 of an answer's gradient).
     """
     if yes_no_ids is None:
         output = model(**batch)
@@ -760,10 +784,12 @@ def vqa_loss(
     rest = (targets != IGNORE_INDEX) & ~first
     pair = logits[first][:, [no_id, yes_id]]
     said_yes = (targets[first] == yes_id).long()
-    loss = F.cross_entropy(pair, said_yes, reduction="sum") + F.cross_entropy(
-        logits[rest], targets[rest], reduction="sum"
-    )
-    loss = loss / (first.sum() + rest.sum()).clamp_min(1)
+    decision = F.cross_entropy(pair, said_yes, reduction="sum")
+    wording = F.cross_entropy(logits[rest], targets[rest], reduction="sum")
+    if balanced:
+        loss = decision / first.sum().clamp_min(1) + wording / rest.sum().clamp_min(1)
+    else:
+        loss = (decision + wording) / (first.sum() + rest.sum()).clamp_min(1)
     accuracy = (pair.argmax(dim=-1) == said_yes).float().mean() if len(pair) else torch.tensor(0.0)
     return loss, {"first_token_accuracy": float(accuracy)}
 
@@ -772,10 +798,13 @@ def answer_loss(
     kind: AnswerLoss, tokenizer: PreTrainedTokenizerBase
 ) -> Callable[..., tuple[torch.Tensor, dict[str, float]]]:
     """``vqa_loss`` as a trainer's ``compute_loss``: the LM loss on every answer token, or
-    with "yes_no" each answer's "Yes"/"No" on those two logits alone."""
-    if kind == "yes_no":
-        return functools.partial(vqa_loss, yes_no_ids=answer_token_ids(tokenizer))
-    return vqa_loss
+    with "yes_no" each answer's "Yes"/"No" on those two logits alone ("yes_no_balanced": that
+    term and the other tokens' LM loss averaged apart)."""
+    if kind == "language_model":
+        return vqa_loss
+    return functools.partial(
+        vqa_loss, yes_no_ids=answer_token_ids(tokenizer), balanced=kind == "yes_no_balanced"
+    )
 
 
 def frozen_parameters(model: PreTrainedModel) -> list[nn.Parameter]:

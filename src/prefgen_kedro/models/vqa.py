@@ -5,6 +5,8 @@ image from the same history that the context never contains, and the answer: "Ye
 then, with reasons, why. In the agent world the reason names the user's liked (for "Yes")
 or disliked (for "No") attributes that the query shows ("Yes, because it is dotted and
 pastel"); Pick-a-Pic images have no attributes, so their reason is the query's caption.
+Several questions may share a context (``turn`` > 0: asked after the previous one in the
+same chat), as the MLLM's pretraining conversations do.
 
 The chat text (``build_prompt``) marks every image with its group's marker token right
 before its placeholder: the prototype learned preference comparison only once each group had
@@ -63,6 +65,7 @@ class VqaExample:
     query: str
     answer: str
     label: int  # LIKED (1) or DISLIKED (0): the query's label in the user's history
+    turn: int = 0  # > 0: a follow-up about the previous example's context, in the same chat
 
 
 def taste_text(liked: Sequence[str], disliked: Sequence[str]) -> str:
@@ -128,14 +131,17 @@ def sample_vqa_examples(
     samples_per_user: int,
     seed: int,
     with_reasons: bool,
+    questions_per_context: int = 1,
 ) -> list[VqaExample]:
     """Balanced yes/no questions for every user of ``splits``, deterministic in ``seed``.
 
     Each user's queries alternate between their liked and disliked images (the first side
     drawn at random, so an odd ``samples_per_user`` stays balanced over users) and cycle
     through a shuffled order of that side, so no query repeats before all have been asked.
-    Context: ``k`` liked and ``k`` disliked images of the history, never the query. Users
-    whose history has fewer than ``k + 1`` images on a side are skipped, with a warning.
+    Context: ``k`` liked and ``k`` disliked images of the history, never a query asked about
+    it; every ``questions_per_context`` consecutive questions of a user share one (their
+    ``turn`` counts from 0). Users whose history has fewer than ``k`` + (the queries a
+    context asks of that side) images on a side are skipped, with a warning.
     """
     require_columns(images, IMAGES_COLUMNS, "sample_vqa_examples: images")
     require_columns(interactions, INTERACTIONS_COLUMNS, "sample_vqa_examples: interactions")
@@ -143,8 +149,13 @@ def sample_vqa_examples(
     unknown = set(splits) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split(s) {sorted(unknown)}; known: {SPLITS}")
-    if k < 1 or samples_per_user < 1:
-        raise ValueError(f"k and samples_per_user must be ≥ 1, got {k} and {samples_per_user}")
+    if min(k, samples_per_user, questions_per_context) < 1:
+        raise ValueError(
+            "k, samples_per_user and questions_per_context must be ≥ 1, got "
+            f"{k}, {samples_per_user} and {questions_per_context}"
+        )
+    # Alternating sides: a context is asked about at most this many images of one side.
+    needed = k + (min(questions_per_context, samples_per_user) + 1) // 2
 
     chosen = users[users["split"].isin(splits)].sort_values("user_id")
     by_image = images.set_index("image_id")
@@ -160,36 +171,45 @@ def sample_vqa_examples(
     skipped = []
     for user in chosen.itertuples(index=False):
         history = histories.get(user.user_id, {LIKED: [], DISLIKED: []})
-        if min(len(history[LIKED]), len(history[DISLIKED])) < k + 1:
+        if min(len(history[LIKED]), len(history[DISLIKED])) < needed:
             skipped.append(user.user_id)
             continue
         opinions = {LIKED: set(user.liked_attributes), DISLIKED: set(user.disliked_attributes)}
         orders = {label: _shuffled(ids, rng) for label, ids in history.items()}
         first = int(rng.integers(2))
-        for s in range(samples_per_user):
-            label = LIKED if (s + first) % 2 == 0 else DISLIKED
-            query = orders[label][(s // 2) % len(orders[label])]
-            liked = _draw(history[LIKED], k, rng, excluding=query)
-            disliked = _draw(history[DISLIKED], k, rng, excluding=query)
-            assert query not in liked + disliked, "the context must never contain the query"
-            answer = answer_text(label)
-            if with_reasons:
-                row = by_image.loc[query]
-                present = [attribute(a).value for a in row["attributes"] if a in opinions[label]]
-                caption = None if len(row["attributes"]) else row["caption"]
-                answer = answer_text(label, present, caption)
-            examples.append(VqaExample(user.user_id, liked, disliked, query, answer, label))
+        for start in range(0, samples_per_user, questions_per_context):
+            asked = range(start, min(start + questions_per_context, samples_per_user))
+            labels = [LIKED if (s + first) % 2 == 0 else DISLIKED for s in asked]
+            queries = [
+                orders[label][(s // 2) % len(orders[label])]
+                for s, label in zip(asked, labels, strict=True)
+            ]
+            liked = _draw(history[LIKED], k, rng, excluding=queries)
+            disliked = _draw(history[DISLIKED], k, rng, excluding=queries)
+            assert not set(queries) & {*liked, *disliked}, "a context never shows its queries"
+            for turn, (query, label) in enumerate(zip(queries, labels, strict=True)):
+                answer = answer_text(label)
+                if with_reasons:
+                    row = by_image.loc[query]
+                    present = [
+                        attribute(a).value for a in row["attributes"] if a in opinions[label]
+                    ]
+                    caption = None if len(row["attributes"]) else row["caption"]
+                    answer = answer_text(label, present, caption)
+                examples.append(
+                    VqaExample(user.user_id, liked, disliked, query, answer, label, turn)
+                )
     if skipped:
         logger.warning(
             "sample_vqa_examples: skipped %d user(s) with fewer than %d liked or disliked "
             "images (k=%d), e.g. %s",
             len(skipped),
-            k + 1,
+            needed,
             k,
             skipped[:5],
         )
     if not examples:
-        raise ValueError(f"no user of splits {list(splits)} has k+1={k + 1} images per side")
+        raise ValueError(f"no user of splits {list(splits)} has {needed} images per side")
     return examples
 
 
@@ -246,10 +266,10 @@ def _shuffled(ids: Sequence[str], rng: np.random.Generator) -> list[str]:
 
 
 def _draw(
-    ids: Sequence[str], k: int, rng: np.random.Generator, *, excluding: str
+    ids: Sequence[str], k: int, rng: np.random.Generator, *, excluding: Collection[str]
 ) -> tuple[str, ...]:
-    """``k`` distinct ids of ``ids`` other than ``excluding``, in random order."""
-    pool = [i for i in ids if i != excluding]
+    """``k`` distinct ids of ``ids`` not in ``excluding``, in random order."""
+    pool = [i for i in ids if i not in excluding]
     return tuple(pool[i] for i in rng.choice(len(pool), k, replace=False))
 
 
@@ -268,6 +288,7 @@ def examples_from_table(table: pd.DataFrame) -> list[VqaExample]:
             query=row["query"],
             answer=row["answer"],
             label=int(row["label"]),
+            turn=int(row["turn"]),
         )
         for row in table.to_dict("records")
     ]

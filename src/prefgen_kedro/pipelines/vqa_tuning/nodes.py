@@ -48,6 +48,8 @@ from prefgen_kedro.training import TrainConfig, train
 
 class VqaStage(StrictParams):
     k: int = Field(ge=1)
+    # Questions asked in turn about one context: one chat's answers share its images' cost.
+    questions_per_context: int = Field(default=1, ge=1)
     train: TrainConfig
 
 
@@ -78,12 +80,13 @@ def make_vqa_examples(
     images: pd.DataFrame, interactions: pd.DataFrame, users: pd.DataFrame, params: VqaTuningParams
 ) -> pd.DataFrame:
     """The VQA questions: each stage's training questions (as many as it trains on, so every
-    one is seen once with a fresh context) and the validation users' questions at the last K.
+    one is seen once with a fresh context; ``questions_per_context`` of them a context) and
+    the validation users' questions at the last K, one a context.
     Columns: those of ``examples_table`` plus ``split`` and ``stage`` (-1 for validation)."""
     n_train_users = int((users["split"] == "train").sum())
     frames = []
     for index, stage in enumerate(params.stages):
-        wanted = stage.train.max_steps * stage.train.batch_size
+        wanted = stage.train.max_steps * stage.train.batch_size * stage.questions_per_context
         examples = sample_vqa_examples(
             images,
             interactions,
@@ -93,6 +96,7 @@ def make_vqa_examples(
             samples_per_user=max(1, math.ceil(wanted / max(n_train_users, 1))),
             seed=params.seed + index,
             with_reasons=params.with_reasons,
+            questions_per_context=stage.questions_per_context,
         )
         frames.append(examples_table(examples).assign(split="train", stage=index))
     validation = sample_vqa_examples(
@@ -117,7 +121,7 @@ def tune_mllm(
     params: VqaTuningParams,
 ) -> tuple[PreTrainedModel, dict]:
     """Tune ``mllm`` through the K stages; returns the tuned model (LoRA merged) and the
-    training report: per-stage histories, the learning curve and samples/s."""
+    training report: per-stage histories, the learning curve and questions/s."""
     pictures = load_pictures(raw_images)
     validation = examples_from_table(vqa_examples[vqa_examples["split"] == "val"])
     watched = validation[: params.curve_questions]
@@ -130,7 +134,7 @@ def tune_mllm(
 
     curve: list[dict] = []
     stages: list[dict] = []
-    samples_before = 0
+    questions_before = 0
     started = time.perf_counter()
     for index, stage in enumerate(params.stages):
         examples = examples_from_table(
@@ -150,28 +154,49 @@ def tune_mllm(
             f"previous={[s.model_dump_json() for s in params.stages[:index]]}",
             collate_fn=dataset.collate,
             trainable_parameters=trainable,
-            on_log=_curve_recorder(
-                curve,
+            on_log=_validation_scorer(
                 lambda: accuracy(model, processor, watched, pictures, params),
                 every=params.curve_every,
-                stage=index,
-                k=stage.k,
-                samples_before=samples_before,
             ),
         )
-        samples = result.steps * stage.train.batch_size
+        questions_per_chat = len(examples) / len(dataset)
+        # From the history, so a stage restored from its checkpoint keeps its points.
+        curve.extend(
+            {
+                "stage": index,
+                "k": stage.k,
+                "step": entry["step"],
+                "questions_seen": questions_before
+                + round(entry["samples_seen"] * questions_per_chat),
+                "train_loss": round(entry["loss"], 4),
+                "val_accuracy": entry["val_accuracy"],
+            }
+            for entry in result.history
+            if "val_accuracy" in entry
+        )
+        trained = result.steps - (result.resumed_from or 0)
         stages.append(
             {
                 "stage": index,
                 "k": stage.k,
                 "steps": result.steps,
                 "resumed_from_step": result.resumed_from,
+                "questions_per_context": stage.questions_per_context,
                 "wall_seconds": round(result.wall_seconds, 1),
-                "samples_per_second": round(samples / max(result.wall_seconds, 1e-9), 1),
+                # Of the steps this run trained; none when the checkpoint was already final.
+                "questions_per_second": round(
+                    trained
+                    * stage.train.batch_size
+                    * questions_per_chat
+                    / max(result.wall_seconds, 1e-9),
+                    1,
+                )
+                if trained
+                else None,
                 "history": result.history,
             }
         )
-        samples_before += samples
+        questions_before += round(result.steps * stage.train.batch_size * questions_per_chat)
     if params.lora is not None:
         model = model.merge_and_unload()
     report = {
@@ -232,7 +257,9 @@ def evaluate_vqa(
     ]
     metrics["training"] = {
         "wall_seconds": tuning_report["wall_seconds"],
-        "samples_per_second": [stage["samples_per_second"] for stage in tuning_report["stages"]],
+        "questions_per_second": [
+            stage["questions_per_second"] for stage in tuning_report["stages"]
+        ],
     }
     return metrics, _learning_curve_figure(tuning_report["learning_curve"], metrics)
 
@@ -251,31 +278,15 @@ def accuracy(
     return _hits(p_yes, np.array([example.label for example in examples]))
 
 
-def _curve_recorder(
-    curve: list[dict],
-    measure: Callable[[], float],
-    *,
-    every: int,
-    stage: int,
-    k: int,
-    samples_before: int,
-) -> Callable[[int, dict[str, float]], None]:
-    """An ``on_log`` callback appending a learning-curve point every ``every`` steps."""
+def _validation_scorer(
+    measure: Callable[[], float], *, every: int
+) -> Callable[[int, dict[str, float]], dict[str, float] | None]:
+    """An ``on_log`` callback adding ``val_accuracy`` to every ``every``-th step's entry."""
 
-    def record(step: int, entry: dict[str, float]) -> None:
-        if step % every == 0:
-            curve.append(
-                {
-                    "stage": stage,
-                    "k": k,
-                    "step": step,
-                    "samples_seen": samples_before + int(entry["samples_seen"]),
-                    "train_loss": round(entry["loss"], 4),
-                    "val_accuracy": measure(),
-                }
-            )
+    def score(step: int, entry: dict[str, float]) -> dict[str, float] | None:
+        return {"val_accuracy": measure()} if step % every == 0 else None
 
-    return record
+    return score
 
 
 def _judge(model, processor, examples, pictures, params) -> np.ndarray:
@@ -307,7 +318,7 @@ def _learning_curve_figure(curve: Sequence[dict], metrics: dict) -> plt.Figure:
     figure, axis = plt.subplots(figsize=(6, 4))
     if curve:
         frame = pd.DataFrame(curve)
-        axis.plot(frame["samples_seen"], frame["val_accuracy"], marker="o", label="tuned MLLM")
+        axis.plot(frame["questions_seen"], frame["val_accuracy"], marker="o", label="tuned MLLM")
     references = metrics["accuracy"]
     for name, style in (
         ("counting_rule", "--"),
@@ -317,8 +328,15 @@ def _learning_curve_figure(curve: Sequence[dict], metrics: dict) -> plt.Figure:
     ):
         if name in references:
             axis.axhline(references[name], linestyle=style, color="grey", linewidth=1)
-            axis.annotate(name.replace("_", " "), (0, references[name]), fontsize=7, va="bottom")
-    axis.set_xlabel("training samples seen")
+            # At the axes' left edge whatever the x range (x = 0 lies left of the first point).
+            axis.annotate(
+                name.replace("_", " "),
+                (0.01, references[name]),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                va="bottom",
+            )
+    axis.set_xlabel("training questions seen")
     axis.set_ylabel(f"validation yes/no accuracy (K={metrics['k']})")
     axis.set_ylim(0.3, 1.0)
     axis.grid(alpha=0.3)
