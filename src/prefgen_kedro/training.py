@@ -15,7 +15,7 @@ Public API:
 - ``TrainResult`` — ``history`` (one entry per ``log_every`` steps and at the end: the window
   means of ``loss`` and every metric, plus ``step``, ``lr`` and ``samples_seen``), ``steps``,
   ``wall_seconds`` (of this call), ``resumed_from`` (the step of the checkpoint resumed, or
-  ``None``) and ``run_dir``.
+  ``None``), ``steps_trained`` (by this call) and ``run_dir``.
 - ``NonFiniteLossError`` — raised, naming the step, when the loss becomes NaN or infinite.
 
 Checkpoints. A run lives in ``<checkpoint_root>/<name>-<hash[:10]>`` where the hash covers the
@@ -113,6 +113,11 @@ class TrainResult:
     wall_seconds: float
     resumed_from: int | None
     run_dir: Path
+
+    @property
+    def steps_trained(self) -> int:
+        """The steps this call trained (``wall_seconds`` is theirs): 0 for a finished run."""
+        return self.steps - (self.resumed_from or 0)
 
 
 def run_hash(config: TrainConfig, fingerprint: str, num_processes: int = 1) -> str:

@@ -174,7 +174,6 @@ def tune_mllm(
             for entry in result.history
             if "val_accuracy" in entry
         )
-        trained = result.steps - (result.resumed_from or 0)
         stages.append(
             {
                 "stage": index,
@@ -185,13 +184,13 @@ def tune_mllm(
                 "wall_seconds": round(result.wall_seconds, 1),
                 # Of the steps this run trained; none when the checkpoint was already final.
                 "questions_per_second": round(
-                    trained
+                    result.steps_trained
                     * stage.train.batch_size
                     * questions_per_chat
                     / max(result.wall_seconds, 1e-9),
                     1,
                 )
-                if trained
+                if result.steps_trained
                 else None,
                 "history": result.history,
             }
