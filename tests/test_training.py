@@ -14,6 +14,7 @@ from prefgen_kedro.training import (
     NonFiniteLossError,
     TrainConfig,
     train,
+    weights_digest,
 )
 
 
@@ -264,3 +265,13 @@ def test_mixed_precision_wrapper_is_removed(tmp_path: Path) -> None:
 def test_config_rejects_unknown_keys() -> None:
     with pytest.raises(ValueError, match="learning_rat"):
         TrainConfig(max_steps=1, batch_size=1, learning_rate=1e-3, learning_rat=1e-3)
+
+
+def test_weights_digest_follows_the_weights() -> None:
+    model = make_model(seed=0)
+    assert weights_digest(model) == weights_digest(make_model(seed=0))
+    assert weights_digest(model) != weights_digest(make_model(seed=1))
+    before = weights_digest(model)
+    with torch.no_grad():
+        model[3].weight[0, 0] += 1.0  # one weight of the last layer
+    assert weights_digest(model) != before

@@ -17,6 +17,8 @@ Public API:
   ``wall_seconds`` (of this call), ``resumed_from`` (the step of the checkpoint resumed, or
   ``None``), ``steps_trained`` (by this call) and ``run_dir``.
 - ``NonFiniteLossError`` — raised, naming the step, when the loss becomes NaN or infinite.
+- ``weights_digest(model)`` — a short digest of a model's weights, for a ``fingerprint`` that
+  must change with the model a run starts from (a fine-tuning's pretrained checkpoint).
 
 Checkpoints. A run lives in ``<checkpoint_root>/<name>-<hash[:10]>`` where the hash covers the
 config (minus pure bookkeeping: ``log_every``, ``checkpoint_every``, ``checkpoints_total_limit``),
@@ -118,6 +120,18 @@ class TrainResult:
     def steps_trained(self) -> int:
         """The steps this call trained (``wall_seconds`` is theirs): 0 for a finished run."""
         return self.steps - (self.resumed_from or 0)
+
+
+def weights_digest(model: nn.Module, values_per_tensor: int = 64) -> str:
+    """sha256 (16 hex digits) of every state tensor's name, shape, dtype and first values:
+    two trainings differ in every tensor's first values, and reading only those keeps a hub
+    checkpoint's digest cheap."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        head = tensor.detach().flatten()[:values_per_tensor].float().cpu()
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def run_hash(config: TrainConfig, fingerprint: str, num_processes: int = 1) -> str:

@@ -463,6 +463,28 @@ def test_processor_writes_as_many_image_tokens_as_the_model_fills(
     assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
 
 
+def test_grid_zero_gives_each_image_its_attribute_token_alone(world, processor):
+    token_processor = build_tiny_processor(
+        processor.tokenizer, image_size=SIZE, image_token_grid=0, cls_token=True
+    )
+    model = tiny_mllm(
+        token_processor, image_token_grid=0, cls_token=True, attribute_categories=[2, 3]
+    ).eval()
+    pictures = list(world.pictures.values())
+    item = encode_vqa(token_processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
+    assert (item["input_ids"] == token_processor.image_token_id).sum() == 3
+    features = torch.randn(3, 1 + 64, VISION["hidden_size"])  # CLS, then an 8×8 patch grid
+    projector = model.model.multi_modal_projector
+    with torch.no_grad():
+        assert torch.equal(projector(features), projector.attribute_token(features)[:, None])
+        batch = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)
+        assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+    with pytest.raises(ValueError, match="cls_token"):
+        build_tiny_processor(processor.tokenizer, image_size=SIZE, image_token_grid=0)
+    with pytest.raises(ValueError, match="attribute token"):
+        tiny_mllm(token_processor, image_token_grid=0, cls_token=True)
+
+
 @pytest.mark.parametrize("slot_positions", [False, True])
 def test_inference_is_batched_and_padding_free(world, examples, processor, slot_positions):
     model = tiny_mllm(processor)

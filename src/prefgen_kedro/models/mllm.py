@@ -8,12 +8,13 @@ image processor, so nothing here knows which model it drives.
 The tiny model is LLaVA: a CLIP vision tower (optionally the conditioning CLIP's weights), a
 small Llama, and one change: ``PooledLlavaForConditionalGeneration`` average-pools the vision
 tower's patch grid to ``image_token_grid``² tokens before the projector (a 32×32 render at
-patch 4 gives 64 patches; 2×2 pooling gives 4 tokens), because the prototype needed short
-sequences for many images. It is registered with ``AutoConfig`` and
-``AutoModelForImageTextToText`` when this module is imported (``model_type`` =
-``prefgen_pooled_llava``), so ``from_pretrained`` works on a saved one without
-``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` whose ``patch_size`` is the
-pooled token's footprint (16 px), so it writes as many image tokens as the model fills.
+patch 4 gives 64 patches; 2×2 pooling gives 4 tokens; a grid of 0 gives none, leaving the
+attribute token below alone), because the prototype needed short sequences for many images.
+It is registered with ``AutoConfig`` and ``AutoModelForImageTextToText`` when this module is
+imported (``model_type`` = ``prefgen_pooled_llava``), so ``from_pretrained`` works on a saved
+one without ``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` whose
+``patch_size`` is the pooled token's footprint (16 px), so it writes as many image tokens as the
+model fills.
 
 Three options help a model that learns comparison from nothing (the tiny one), none changes
 what the processor writes (two more, ``cls_token_last`` and the chat template's
@@ -149,7 +150,8 @@ class PooledLlavaConfig(LlavaConfig):
 class _PooledProjector(LlavaMultiModalProjector):
     """Average-pools the (square) patch grid to ``image_token_grid``² tokens, then projects.
 
-    With ``attribute_categories`` the CLS token's place holds an *attribute token* instead:
+    With ``attribute_categories`` the CLS token's place holds an *attribute token* instead
+    (with ``image_token_grid`` 0 an image's only token):
     a linear read-out of the CLS token and the mean patch to one softmax per category (a
     render has one colour, one pattern, one tone...), each value with a learned embedding,
     the token being their probability-weighted sum. Its read-out is fitted to the renders'
@@ -165,6 +167,8 @@ class _PooledProjector(LlavaMultiModalProjector):
         self.keep_cls = config.vision_feature_select_strategy == "full"
         self.cls_last = config.cls_token_last
         self.categories = list(config.attribute_categories or ())
+        if self.grid == 0 and not self.categories:
+            raise ValueError("image_token_grid 0 needs the attribute token (attribute_categories)")
         if self.categories:
             if not self.keep_cls:
                 raise ValueError("an attribute token takes the CLS token's place: keep the CLS")
@@ -175,6 +179,8 @@ class _PooledProjector(LlavaMultiModalProjector):
             )
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self.grid == 0:
+            return self.attribute_token(image_features)[:, None]
         n, tokens, width = image_features.shape
         # With vision_feature_select_strategy="full" the CLS token comes first and is kept.
         cls = image_features[:, :1] if self.keep_cls else image_features[:, :0]
@@ -332,8 +338,11 @@ def build_tiny_processor(
 ) -> LlavaProcessor:
     """A ``LlavaProcessor`` for ``image_size`` pictures (normalised as CLIP, never resized or
     cropped) writing ``image_token_grid``² image tokens each (one more with ``cls_token``),
-    with the tiny chat template (``tiny_chat_template(assistant_role=...)``)."""
-    if image_size % image_token_grid:
+    with the tiny chat template (``tiny_chat_template(assistant_role=...)``). A grid of 0
+    writes no patch tokens: the CLS token (the attribute token's place) alone."""
+    if image_token_grid == 0 and not cls_token:
+        raise ValueError("image_token_grid 0 leaves an image no token: set cls_token")
+    if image_token_grid and image_size % image_token_grid:
         raise ValueError(f"image_size {image_size} is not a multiple of {image_token_grid}")
     image_processor = CLIPImageProcessor(
         do_resize=False,
@@ -346,7 +355,8 @@ def build_tiny_processor(
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=image_size // image_token_grid,
+        # A patch larger than the image counts no patches (LlavaProcessor floors).
+        patch_size=image_size // image_token_grid if image_token_grid else 2 * image_size,
         # LLaVA's convention: the CLS token is the one additional token, dropped by "default".
         vision_feature_select_strategy="full" if cls_token else "default",
         num_additional_image_tokens=1,

@@ -85,7 +85,7 @@ DESCRIBE = "Describe this image."
 
 class MllmArchitecture(BaseModel, extra="forbid"):
     vocab_size: int = Field(ge=300)
-    image_token_grid: int = Field(ge=1)
+    image_token_grid: int = Field(ge=0)  # 0: the attribute token alone
     cls_token: bool
     cls_token_last: bool = False
     tag_image_groups: bool

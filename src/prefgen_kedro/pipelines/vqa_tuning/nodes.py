@@ -43,7 +43,7 @@ from prefgen_kedro.models.vqa import (
 )
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures
-from prefgen_kedro.training import TrainConfig, train
+from prefgen_kedro.training import TrainConfig, train, weights_digest
 
 
 class VqaStage(StrictParams):
@@ -132,6 +132,8 @@ def tune_mllm(
     frozen = {id(p) for p in frozen_parameters(mllm)}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
+    # Without the starting weights a new pretrained MLLM would resume the previous one's runs.
+    start = weights_digest(mllm)
     curve: list[dict] = []
     stages: list[dict] = []
     questions_before = 0
@@ -149,7 +151,8 @@ def tune_mllm(
             stage.train,
             checkpoint_root=params.checkpoint_root,
             name=f"vqa_tuning_stage{index}",
-            fingerprint=f"examples={_examples_fingerprint(examples)} lora={params.lora} "
+            fingerprint=f"start={start} examples={_examples_fingerprint(examples)} "
+            f"lora={params.lora} "
             f"loss={params.answer_loss} "
             f"previous={[s.model_dump_json() for s in params.stages[:index]]}",
             collate_fn=dataset.collate,
