@@ -152,8 +152,7 @@ def tune_mllm(
             checkpoint_root=params.checkpoint_root,
             name=f"vqa_tuning_stage{index}",
             fingerprint=f"start={start} examples={_examples_fingerprint(examples)} "
-            f"lora={params.lora} "
-            f"loss={params.answer_loss} "
+            f"lora={params.lora} loss={params.answer_loss} "
             f"previous={[s.model_dump_json() for s in params.stages[:index]]}",
             collate_fn=dataset.collate,
             trainable_parameters=trainable,
