@@ -395,6 +395,41 @@ def test_cls_token_last_puts_each_images_cls_token_after_its_patches(processor):
     assert torch.allclose(tokens_first.flip(1), tokens_last)
 
 
+def test_orthogonal_matching_starts_attention_as_the_count_of_shared_attribute_values(
+    processor,
+):
+    categories = [3, 4]
+    model = tiny_mllm(
+        processor,
+        cls_token=True,
+        image_token_grid=0,
+        attribute_categories=categories,
+        text_head_dim=48,  # wider than the model: its form is still the dot product
+        matching_attention_std=0.1,
+        matching_attention_orthogonal=True,
+    )
+    language = model.model.language_model
+    embeddings = model.model.multi_modal_projector.attribute_embeddings.weight  # (32, 7)
+    gram = embeddings.T @ embeddings
+    assert torch.allclose(gram, gram.diagonal().mean() * torch.eye(7), atol=1e-4)
+    attention = language.layers[0].self_attn
+    assert attention.q_proj.weight.shape == (2 * 48, 32)
+    assert attention.q_proj.weight.std().item() == pytest.approx(0.1, rel=0.1)
+    # Images as one-hot attribute values: each head's logit counts the values two share.
+    values = torch.tensor([[0, 3], [0, 4], [1, 3], [1, 5], [2, 6]])
+    onehot = torch.zeros(len(values), 7).scatter_(1, values, 1.0)
+    with torch.no_grad():
+        tokens = language.layers[0].input_layernorm(onehot @ embeddings.T)
+        query = attention.q_proj(tokens).view(len(values), 2, 48)
+        key = attention.k_proj(tokens).view(len(values), 2, 48)
+    logits = torch.einsum("ahd,bhd->hab", query, key)
+    shared = (values[:, None, :] == values[None, :, :]).sum(-1).float()
+    for head in logits:
+        assert torch.allclose(head, head[0, 0] / 2 * shared, atol=1e-3)
+    with pytest.raises(ValueError, match="needs matching_attention_std"):
+        tiny_mllm(processor, matching_attention_orthogonal=True)
+
+
 def test_attribute_token_is_its_categories_probability_weighted_value_embeddings(
     processor, tmp_path
 ):

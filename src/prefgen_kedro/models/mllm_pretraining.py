@@ -92,9 +92,11 @@ class MllmArchitecture(BaseModel, extra="forbid"):
     text_width: int
     text_layers: int
     text_heads: int
+    text_head_dim: int | None = Field(default=None, ge=1)  # None: text_width / text_heads
     max_positions: int
     initializer_range: float = Field(default=0.02, gt=0.0)
     matching_attention_std: float = Field(default=0.0, ge=0.0)
+    matching_attention_orthogonal: bool = False  # see ``build_tiny_mllm``
     assistant_role: bool = True  # the tiny chat template's, see ``tiny_chat_template``
     attribute_token: bool = False  # see ``build_tiny_mllm``'s ``attribute_categories``
     own_group_tags: bool = False  # see ``build_tiny_mllm``
