@@ -28,7 +28,8 @@ what the processor writes (two more, ``cls_token_last`` and the chat template's
 - Group tags (config ``tag_image_groups``): each image's tokens also carry the embedding of
   the marker before them, so which group an image is in is part of every image token.
 - Matching attention (``build_tiny_mllm(matching_attention_std=...)``): every layer's key
-  projection starts equal to its query projection, so attention starts as similarity.
+  projection starts equal to its query projection, so attention starts as similarity (with
+  ``matching_attention_orthogonal``, as the count of attribute values two images share).
 
 Public API:
 
