@@ -110,7 +110,7 @@ def smoke_evaluated(smoke_diffused: Path, smoke_project: Path) -> Path:
 
 # What conf/gpu turns off for Pick-a-Pic users: the branch fed their (unknown) true taste.
 REAL_USER_PARAMS = {
-    "diffusion": {"variants": {"oracle_taste": None}},
+    "diffusion": {"variants": {"oracle_taste": None, "oracle_state": None}},
     "evaluation": {
         "methods": [
             "base",

@@ -7,8 +7,8 @@ from kedro.pipeline import Pipeline
 
 # `foundation` makes the stand-ins for hub checkpoints; they ship with the repository,
 # so the default run starts from them the way a researcher starts from a download.
-# `foundation_mllm` remakes only the MLLM stand-in.
-NOT_IN_DEFAULT = ("foundation", "foundation_mllm")
+# `foundation_mllm` and `foundation_unet` remake only the MLLM or the base UNet stand-in.
+NOT_IN_DEFAULT = ("foundation", "foundation_mllm", "foundation_unet")
 
 
 def register_pipelines() -> dict[str, Pipeline]:

@@ -115,7 +115,8 @@ def metric_table(
 
     ``metrics`` has rows (method, metric, mean, ci_low, ci_high). ``columns`` maps a metric
     to (column title, higher is better, display scale). The best mean among ``contenders``
-    (default: all ``methods``) is bolded per column; a missing cell shows "–".
+    (default: all ``methods``) is bolded per column; a missing cell shows "–", a metric
+    without an interval (NaN bounds) its mean alone.
     """
     contenders = list(methods if contenders is None else contenders)
     indexed = metrics.set_index(["method", "metric"])
@@ -129,7 +130,8 @@ def metric_table(
             row = indexed.loc[(method, metric)]
             means[method] = row["mean"]
             mean, low, high = (row[k] * scale for k in ("mean", "ci_low", "ci_high"))
-            cells.append(f"{mean:.3g} [{low:.3g}, {high:.3g}]")
+            interval = "" if np.isnan(low) else f" [{low:.3g}, {high:.3g}]"
+            cells.append(f"{mean:.3g}{interval}")
         ranked = {m: v for m, v in means.items() if m in contenders}
         best = (max if higher_is_better else min)(ranked, key=ranked.get) if ranked else None
         shown[title] = cells

@@ -11,21 +11,36 @@ from prefgen_kedro.models.mllm import (
     IGNORE_INDEX,
     build_tiny_mllm,
     build_tiny_processor,
+    collate_vqa,
+    encode_chat,
+    encode_vqa,
+    select_vision_features,
     train_tokenizer,
 )
 from prefgen_kedro.models.mllm_pretraining import (
     DESCRIBE,
     CaptionTask,
+    HeldoutTaste,
     MllmPretrainParams,
+    SimulatedUsersParams,
     SimulatedUserVqa,
+    TasteHead,
     attribute_readout_accuracy,
     evaluate_on_simulated_users,
     fit_attribute_readout,
     pretrain,
+    taste_head_loss,
 )
-from prefgen_kedro.models.vqa import parse_taste, vqa_corpus
+from prefgen_kedro.models.vqa import (
+    IMAGE_PLACEHOLDER,
+    QUERY_MARKER,
+    TASTE_QUESTION,
+    parse_taste,
+    query_prompt,
+    vqa_corpus,
+)
 from prefgen_kedro.world.agent_world import render_set
-from prefgen_kedro.world.vocabulary import CATEGORIES, attribute, attribute_ids
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, CATEGORIES, attribute, attribute_ids
 
 SIZE = 16
 
@@ -66,8 +81,16 @@ def attribute_mllm(processor, clip):
     )
 
 
+def row_features(pool):
+    """Stand-in vision features: each render's row index, so a sample shows which renders
+    it gathered."""
+    return torch.arange(len(pool.images), dtype=torch.float32)[:, None, None].expand(-1, 2, 3)
+
+
 def questions(pool, processor, n=200, **settings):
-    task = SimulatedUserVqa(pool, processor, n_samples=n, seed=1, **({"k": (1, 4)} | settings))
+    task = SimulatedUserVqa(
+        pool, processor, row_features(pool), n_samples=n, seed=1, **({"k": (1, 4)} | settings)
+    )
     return task, [task.question(i) for i in range(n)]
 
 
@@ -124,10 +147,11 @@ def test_follow_up_queries_are_fresh_balanced_and_each_answered(pool, processor)
         item = task[index]
         answers = item["labels"][item["labels"] != IGNORE_INDEX]
         assert (answers == processor.tokenizer.eos_token_id).sum() == len(sample)
-        assert len(item["pixel_values"]) == 2 * len(first.liked) + len(sample)
+        shown = item["vision_features"][:, 0, 0].long().tolist()
+        assert shown == [*first.liked, *first.disliked, *queries]
     assert set(counts) == {1, 2, 3, 4} and 0.35 < np.mean(labels) < 0.65
     with pytest.raises(ValueError, match="queries must be a range"):
-        SimulatedUserVqa(pool, processor, n_samples=1, seed=0, k=(1, 2), queries=(0, 2))
+        SimulatedUserVqa(pool, processor, None, n_samples=1, seed=0, k=(1, 2), queries=(0, 2))
 
 
 def test_taste_samples_ask_about_the_context_and_name_shown_attributes(pool, processor):
@@ -143,16 +167,125 @@ def test_taste_samples_ask_about_the_context_and_name_shown_attributes(pool, pro
         item = task[index]
         answer = item["labels"][item["labels"] != IGNORE_INDEX]
         assert tokenizer.decode(answer, skip_special_tokens=True).strip() == task.taste(q)
-        # no query image: 2K images
-        assert len(item["pixel_values"]) == 2 * len(q.liked)
+        # no query image: the 2K context images
+        assert item["vision_features"][:, 0, 0].long().tolist() == [*q.liked, *q.disliked]
+
+
+def test_samples_are_the_encoding_of_their_pictures(pool, processor, make_conditioning_clip):
+    """A sample (its layout encoded once on blank pictures, the renders' cached features)
+    is what encoding the pictures themselves gives, and the model answers it alike."""
+    model = attribute_mllm(processor, make_conditioning_clip(SIZE, patch_size=8)).eval()
+    features = select_vision_features(model, pool.images)
+    task = SimulatedUserVqa(
+        pool,
+        processor,
+        features,
+        n_samples=20,
+        seed=3,
+        k=(1, 3),
+        queries=(1, 3),
+        copy_probability=0.3,
+        taste_probability=0.4,
+    )
+    images = pool.images
+    tastes = 0
+    for index in range(20):
+        first, *follow_ups = task.questions(index)
+        item = task[index]
+        if "vision_features" in item and len(item["vision_features"]) == 2 * len(first.liked):
+            tastes += 1
+            expected = encode_vqa(
+                processor,
+                task.context(first),
+                None,
+                task.taste(first),
+                slot_positions=True,
+                question=TASTE_QUESTION,
+            )
+        else:
+            expected = encode_vqa(
+                processor,
+                task.context(first),
+                images[first.query],
+                first.answer,
+                slot_positions=True,
+                follow_ups=[(query_prompt(), [images[q.query]], q.answer) for q in follow_ups],
+            )
+        for key in ("input_ids", "attention_mask", "labels", "position_ids"):
+            assert torch.equal(item[key], expected[key]), (index, key)
+        with torch.no_grad():
+            cached = model(**collate_vqa([item], pad_token_id=0)).logits
+            pixels = model(**collate_vqa([expected], pad_token_id=0)).logits
+        assert torch.allclose(cached, pixels, atol=1e-5), index
+    assert 0 < tastes < 20
+    caption = CaptionTask(pool, processor, features, n_samples=3, seed=0)[1]
+    shown = [i for i, row in enumerate(features) if torch.equal(row, caption["vision_features"][0])]
+    expected = encode_chat(
+        processor,
+        f"{DESCRIBE} {QUERY_MARKER}{IMAGE_PLACEHOLDER}",
+        [images[shown[0]]],
+        pool.captions[shown[0]],
+        slot_positions=True,
+    )
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(caption[key], expected[key]), key
+
+
+def test_the_taste_head_reads_the_taste_question_and_scores_its_users(
+    pool, processor, make_conditioning_clip
+):
+    model = attribute_mllm(processor, make_conditioning_clip(SIZE, patch_size=8))
+    features = select_vision_features(model, pool.images)
+    task = SimulatedUserVqa(
+        pool,
+        processor,
+        features,
+        n_samples=16,
+        seed=2,
+        k=(2, 3),
+        taste_probability=0.5,
+        taste_targets=True,
+        n_liked=2,
+        n_disliked=2,
+    )
+    batch = task.collate([task[i] for i in range(16)])
+    asked = batch["taste_position"] >= 0
+    assert 0 < asked.sum() < 16
+    for row in asked.nonzero().squeeze(1).tolist():
+        user = task.question(row).user
+        assert batch["taste_targets"][row].sum() == 4  # 2 liked + 2 disliked, shown or not
+        position = int(batch["taste_position"][row])
+        # the state read is the prompt's last token: the answer starts right after it
+        assert batch["labels"][row, position] == IGNORE_INDEX
+        assert batch["labels"][row, position + 1] != IGNORE_INDEX
+        liked = batch["taste_targets"][row, : len(ATTRIBUTE_IDS)].nonzero().squeeze(1)
+        assert {ATTRIBUTE_IDS[i] for i in liked.tolist()} == set(user.liked)
+    head = TasteHead(model, len(ATTRIBUTE_IDS))
+    loss, metrics = taste_head_loss(head, batch, weight=2.0)
+    answer_only, _ = taste_head_loss(head, batch, weight=0.0)
+    assert loss.item() == pytest.approx(answer_only.item() + 2.0 * metrics["taste_loss"], rel=1e-5)
+    loss.backward()
+    assert head.head.weight.grad.abs().sum() > 0
+    heldout = HeldoutTaste(
+        pool,
+        processor,
+        features,
+        k=3,
+        n_users=24,
+        seed=0,
+        slot_positions=True,
+        simulated_users=SimulatedUsersParams(n_liked=2, n_disliked=2),
+    )
+    assert 0.0 <= heldout(head) <= 1.0 and heldout.counting_rule_auc > 0.6
+    assert head.training  # left as it was
 
 
 def test_caption_task_labels_the_caption(pool, processor):
-    task = CaptionTask(pool, processor, n_samples=5, seed=0)
+    task = CaptionTask(pool, processor, row_features(pool), n_samples=5, seed=0)
     item = task[0]
     answer = processor.tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX])
-    assert answer.strip().removesuffix("</s>") in pool.captions
-    assert len(item["pixel_values"]) == 1
+    shown = int(item["vision_features"][0, 0, 0])
+    assert answer.strip().removesuffix("</s>") == pool.captions[shown]
     with pytest.raises(IndexError):
         task[5]
 
@@ -214,7 +347,10 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
                     "k": (1, 2),
                     "copy_probability": 0.5,
                     "answer_loss": "yes_no" if attribute_token else "language_model",
-                    "train": train | {"max_steps": 3},
+                    # the taste head's stage, with either answer loss
+                    "taste_probability": 0.5,
+                    "taste_head_weight": 1.0,
+                    "train": train | {"max_steps": 3, "log_every": 1},
                 },
             ],
             "eval": {"ks": [1, 2], "questions": 8, "seed": 4},
@@ -228,6 +364,13 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
     assert [stage["samples"] for stage in report["learning_curve"]] == [8, 12]
     assert report["steps"] == 5
     assert set(report["metrics"]["heldout_simulated_users"]) == {"k1", "k2"}
+    # the head's held-out taste AUC, logged against samples seen, and the final summary
+    curve = report["learning_curve"][1]["learning_curve"]
+    assert [entry["samples_seen"] for entry in curve] == [4, 8, 12]
+    assert all(0.0 <= entry["heldout_taste_auc"] <= 1.0 for entry in curve)
+    summary = report["metrics"]["heldout_taste_summary"]
+    assert summary["k"] == 2 and 0.0 <= summary["head_auc"] <= 1.0
+    assert set(report["metrics"]["heldout_taste_answers"]) >= {"liked_precision", "liked_recall"}
     assert processor.tokenizer is not None and not model.training
     # A second call resumes every stage from its last checkpoint: the same model and curves.
     again, _, rerun = run()

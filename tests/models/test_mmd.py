@@ -54,3 +54,11 @@ def test_gradient_flows_to_the_first_sample():
 def test_too_few_samples_is_an_error():
     with pytest.raises(ValueError, match="≥ 2 samples"):
         gaussian_mmd2(torch.zeros(1, 2), torch.zeros(3, 2))
+
+
+def test_leading_dimensions_give_one_value_each_and_y_broadcasts():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 4, 5), torch.randn(6, 5)
+    batched = gaussian_mmd2(x, y)
+    assert batched.shape == (3,)
+    assert torch.allclose(batched, torch.stack([gaussian_mmd2(item, y) for item in x]), atol=1e-6)

@@ -1,24 +1,29 @@
 """PrefGen step 3: map the MLLM's semantic user embedding into the diffusion text space.
 
-An MLP takes ``e_sem`` (one per context of a user) to the conditioning text encoder's
-pooled space (the EOS token's final state, the space the UNet's cross-attention reads). Its
-target for a training user is the *set* of text embeddings of that user's attribute phrases
-(agent world: the liked attributes; Pick-a-Pic: captions of liked images).
+An MLP takes ``e_sem`` (one per context of a user) to a few tokens of the conditioning text
+encoder's pooled space (the EOS token's final state, the space the UNet's cross-attention
+reads). Its target for a training user is the *set* of text embeddings of that user's
+attribute phrases (agent world: the liked attributes; Pick-a-Pic: captions of liked images).
+Its inputs are standardised with the training contexts' mean and spread, kept in the
+checkpoint: an MLLM state varies across users in a small part of its norm, and unstandardised
+that part is lost beside the shared one.
 
-- ``mmd`` (PrefGen): per user, the multi-kernel Gaussian MMD² between the mapped embeddings
-  of the user's contexts and the user's target set, averaged over the users of a batch:
-  distributions are matched, so the mapped embeddings spread over the phrases a user likes.
-- ``mse`` (the ``no_mmd`` ablation): each mapped context embedding regresses onto one of
-  the user's targets; its optimum is their mean, which collapses diversity.
+- ``mmd`` (PrefGen): for every context of a user, the multi-kernel Gaussian MMD² between
+  its mapped tokens and the user's target set, averaged over the contexts and users of a
+  batch: distributions are matched, so one context's tokens spread over the phrases its user
+  likes.
+- ``mse`` (the ``no_mmd`` ablation): each mapped token regresses onto one of the user's
+  targets, drawn at random; its optimum is their mean, which collapses diversity.
 
-Public API: ``AlignmentMlp``, ``UserSetsDataset``, ``alignment_loss``,
-``text_embeddings``, ``attribute_retrieval``, ``mean_pairwise_cosine_distance``,
-``set_mmd2``.
+Public API: ``ALIGNER_VARIANTS`` (``AlignerVariant``), ``AlignmentMlp``, ``Aligners``,
+``UserSetsDataset``, ``alignment_loss``, ``text_embeddings``, ``attribute_retrieval``,
+``mean_pairwise_cosine_distance``, ``set_mmd2``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -34,22 +39,93 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute
 Objective = Literal["mmd", "mse"]
 
 
-class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
-    """``e_sem`` (in_dim) → text space (out_dim): LayerNorm, two GELU layers, a linear out."""
+@dataclass(frozen=True)
+class AlignerVariant:
+    """One aligner: its objective, the ``context_embeddings`` column it reads and the
+    condition part it writes."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int) -> None:
+    objective: Objective
+    reads: str
+    writes: str
+
+
+# PrefGen's aligner, its MSE ablation, and the signal ladder's ``oracle_state`` reference:
+# a perfect context summary (agent world only) through PrefGen's recipe.
+ALIGNER_VARIANTS: dict[str, AlignerVariant] = {
+    "prefgen": AlignerVariant("mmd", "e_sem", "e_sem_hat"),
+    "prefgen_no_mmd": AlignerVariant("mse", "e_sem", "e_sem_hat_no_mmd"),
+    "oracle_state": AlignerVariant("mmd", "context_summary", "oracle_state_hat"),
+}
+
+
+class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
+    """``e_sem`` (in_dim) → ``tokens`` text-space tokens (out_dim each), flattened:
+    standardisation with stored statistics, two GELU layers, a linear out."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, tokens: int) -> None:
         super().__init__()
+        if tokens < 2:
+            raise ValueError(f"the aligner maps to a set of tokens (at least 2), got {tokens}")
+        self.tokens = tokens
+        self.out_dim = out_dim
+        self.register_buffer("input_mean", torch.zeros(in_dim))
+        self.register_buffer("input_std", torch.ones(in_dim))
         self.net = nn.Sequential(
-            nn.LayerNorm(in_dim),
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
             nn.GELU(),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(hidden_dim, tokens * out_dim),
         )
 
+    @torch.no_grad()
+    def fit_standardisation(self, inputs: torch.Tensor) -> None:
+        """Keep the mean and spread of ``inputs`` (N, in_dim), the training contexts."""
+        self.input_mean.copy_(inputs.float().mean(dim=0))
+        self.input_std.copy_(inputs.float().std(dim=0).clamp_min(1e-6))
+
     def forward(self, e_sem: torch.Tensor) -> torch.Tensor:
-        return self.net(e_sem)
+        """(..., in_dim) → (..., tokens × out_dim)."""
+        return self.net((e_sem - self.input_mean) / self.input_std)
+
+    def token_sets(self, e_sem: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) → (..., tokens, out_dim)."""
+        return self(e_sem).unflatten(-1, (self.tokens, self.out_dim))
+
+
+class Aligners(nn.Module, PyTorchModelHubMixin):
+    """Several named ``AlignmentMlp``s stored together (PrefGen's, its MSE ablation, the
+    reference that aligns a perfect context summary): ``variants`` maps a name to its
+    ``AlignmentMlp`` config."""
+
+    def __init__(self, variants: dict[str, dict]) -> None:
+        super().__init__()
+        self.mlps = nn.ModuleDict(
+            {name: AlignmentMlp(**config) for name, config in variants.items()}
+        )
+
+    @classmethod
+    def of(cls, mlps: Mapping[str, AlignmentMlp]) -> Aligners:
+        """Bundle trained MLPs (weights and standardisation copied)."""
+        bundle = cls(
+            variants={
+                name: {
+                    "in_dim": mlp.input_mean.shape[0],
+                    "out_dim": mlp.out_dim,
+                    "hidden_dim": mlp.net[0].out_features,
+                    "tokens": mlp.tokens,
+                }
+                for name, mlp in mlps.items()
+            }
+        )
+        for name, mlp in mlps.items():
+            bundle.mlps[name].load_state_dict(mlp.state_dict())
+        return bundle.eval()
+
+    def __getitem__(self, name: str) -> AlignmentMlp:
+        if name not in self.mlps:
+            raise KeyError(f"no aligner {name!r}; trained: {sorted(self.mlps)}")
+        return self.mlps[name]
 
 
 @torch.inference_mode()
@@ -107,25 +183,26 @@ class UserSetsDataset(Dataset):
 
 
 def alignment_loss(
-    model: nn.Module,
+    model: AlignmentMlp,
     batch: Mapping[str, torch.Tensor],
     *,
     objective: Objective,
     bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``compute_loss`` for the shared trainer: the mean over the batch's users of the
-    per-user MMD² (``mmd``) or of the squared error to a randomly paired target (``mse``)."""
-    mapped = model(batch["contexts"])
+    """``compute_loss`` for the shared trainer: the mean over the batch's (unpadded)
+    contexts of the MMD² between a context's mapped tokens and its user's targets (``mmd``),
+    or of the squared error of each token to a randomly paired target (``mse``)."""
+    mapped = model.token_sets(batch["contexts"])  # (users, contexts, tokens, out_dim)
     losses = []
     for row in range(len(mapped)):
-        x = mapped[row][batch["contexts_mask"][row]]
         y = batch["targets"][row][batch["targets_mask"][row]]
+        x = mapped[row][batch["contexts_mask"][row]]  # the user's contexts, one set each
         if objective == "mmd":
             losses.append(gaussian_mmd2(x, y, bandwidth_factors))
         else:
-            paired = torch.randint(len(y), (len(x),))  # the trainer seeds the global RNG
-            losses.append(F.mse_loss(x, y[paired]))
-    return torch.stack(losses).mean(), {}
+            paired = torch.randint(len(y), x.shape[:2])  # the trainer seeds the global RNG
+            losses.append(((x - y[paired]) ** 2).mean(dim=(1, 2)))
+    return torch.cat(losses).mean(), {}
 
 
 def set_mmd2(
@@ -133,16 +210,17 @@ def set_mmd2(
     targets: Sequence[torch.Tensor],
     bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS,
 ) -> float:
-    """Mean over users of the MMD² between their mapped contexts and their target set
-    (users with fewer than two of either are skipped: the unbiased estimate needs two)."""
+    """Mean over users of the MMD² between a user's mapped token sets (contexts, tokens,
+    out_dim), one context at a time, and its target set (users with fewer than two targets
+    are skipped: the unbiased estimate needs two)."""
     values = [
-        float(gaussian_mmd2(x, y, bandwidth_factors))
-        for x, y in zip(mapped, targets, strict=True)
-        if len(x) >= 2 and len(y) >= 2
+        gaussian_mmd2(contexts, y, bandwidth_factors)
+        for contexts, y in zip(mapped, targets, strict=True)
+        if len(y) >= 2
     ]
     if not values:
-        raise ValueError("no user has two mapped contexts and two targets")
-    return sum(values) / len(values)
+        raise ValueError("no user has two targets")
+    return float(torch.cat(values).mean())
 
 
 def attribute_retrieval(
@@ -152,9 +230,13 @@ def attribute_retrieval(
     *,
     k: int = 5,
 ) -> dict[str, float]:
-    """Rank all phrases by cosine to each user's mapped embedding: recall@k of the user's
-    true phrases and their mean rank (1 = best)."""
-    scores = F.normalize(mapped.float(), dim=-1) @ F.normalize(phrase_embeddings.float(), dim=-1).T
+    """Rank all phrases for each user by their best cosine to its mapped tokens (users,
+    tokens, out_dim): recall@k of the user's true phrases and their mean rank (1 = best)."""
+    scores = (
+        (F.normalize(mapped.float(), dim=-1) @ F.normalize(phrase_embeddings.float(), dim=-1).T)
+        .max(dim=1)
+        .values
+    )
     order = scores.argsort(dim=1, descending=True)
     ranks = order.argsort(dim=1) + 1  # rank of each phrase for each user
     recalls, mean_ranks = [], []

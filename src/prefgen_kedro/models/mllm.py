@@ -36,10 +36,13 @@ Public API:
 - ``PooledLlavaConfig``, ``PooledLlavaForConditionalGeneration`` — the tiny model's classes.
 - ``train_tokenizer``, ``build_tiny_processor``, ``build_tiny_mllm`` — build the tiny one.
 - ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
-  ``VqaDataset`` — model inputs, with labels only on the answer tokens and the eos.
+  ``VqaDataset``, ``append_answer``, ``answer_token_sequence`` — model inputs, with labels
+  only on the answer tokens and the eos; ``select_vision_features`` — what the projector
+  reads for a set of pictures, to stand in for their pixels.
 - ``vqa_loss``, ``answer_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train`` (the
   LM loss, or "Yes"/"No" on those two logits alone, optionally weighed apart from the
-  reason: ``AnswerLoss``); ``answer_token_ids``.
+  reason: ``AnswerLoss``); ``answer_loss_terms`` (the same from logits),
+  ``answer_loss_settings``, ``answer_token_ids``.
 - ``add_lora`` — peft LoRA (+ gradient checkpointing) for the hub model; ``vision_encoder``
   and ``frozen_parameters`` (what LLaVA's recipe keeps frozen).
 - ``MllmPreferenceModel`` — ``hidden_states``, ``judge`` (P("Yes")), ``answer``.
@@ -60,6 +63,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -76,9 +80,10 @@ from transformers import (
     PreTrainedTokenizerFast,
     ProcessorMixin,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from prefgen_kedro.models.clip import CLIP_MEAN, CLIP_STD
+from prefgen_kedro.models.clip import CLIP_MEAN, CLIP_STD, to_pixel_values
 from prefgen_kedro.models.vqa import (
     IMAGE_PLACEHOLDER,
     MARKERS,
@@ -248,29 +253,43 @@ class PooledLlavaModel(LlavaModel):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        if not (
-            self.config.tag_image_groups and input_ids is not None and pixel_values is not None
-        ):
+        """``LlavaModel.forward``; ``vision_features`` (``select_vision_features`` of the
+        images, e.g. cached once for a pool of renders) may stand in for ``pixel_values``:
+        the frozen vision tower is then skipped, the projector and the rest run as usual."""
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("give pixel_values or vision_features, not both")
+        has_images = pixel_values is not None or vision_features is not None
+        if not (has_images and (vision_features is not None or self.config.tag_image_groups)):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        if input_ids is None:
+            raise ValueError("images need input_ids to find their image tokens")
         if kwargs.pop("mm_encoder_outputs", None) is not None:
-            raise ValueError("give pixel_values or mm_encoder_outputs, not both")
-        # A segment embedding, as BERT's: without it a group is only known to an image token
-        # through an attention hop to its marker, and the tiny model never found that hop.
-        image_outputs = self.get_image_features(
-            pixel_values=pixel_values,
-            vision_feature_layer=kwargs.get("vision_feature_layer"),
-            vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-            return_dict=True,
-        )
-        is_image = input_ids == self.config.image_token_id
-        before = F.pad(input_ids[:, :-1], (1, 0), value=self.config.image_token_id)
-        run_starts = is_image & (before != self.config.image_token_id)
-        tags = self._group_tags(before[run_starts])  # one per image, in order
-        image_outputs.pooler_output = [
-            features + tag for features, tag in zip(image_outputs.pooler_output, tags, strict=True)
-        ]
+            raise ValueError("give images or mm_encoder_outputs, not both")
+        if vision_features is None:
+            image_outputs = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=kwargs.get("vision_feature_layer"),
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+                return_dict=True,
+            )
+        else:
+            projected = self.multi_modal_projector(vision_features)
+            image_outputs = BaseModelOutputWithPooling(pooler_output=list(projected))
+        if self.config.tag_image_groups:
+            # A segment embedding, as BERT's: without it a group is only known to an image
+            # token through an attention hop to its marker, and the tiny model never found
+            # that hop.
+            is_image = input_ids == self.config.image_token_id
+            before = F.pad(input_ids[:, :-1], (1, 0), value=self.config.image_token_id)
+            run_starts = is_image & (before != self.config.image_token_id)
+            tags = self._group_tags(before[run_starts])  # one per image, in order
+            image_outputs.pooler_output = [
+                features + tag
+                for features, tag in zip(image_outputs.pooler_output, tags, strict=True)
+            ]
         return super().forward(
             input_ids=input_ids, mm_encoder_outputs={"image": image_outputs}, **kwargs
         )
@@ -627,16 +646,31 @@ def _encode_turn(
         if isinstance(value, torch.Tensor)
     }
     if answer is not None:
-        answer_ids = torch.tensor(
-            [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-        )
-        prompt_length = len(item["input_ids"])
-        # Answer tokens are attended text tokens (token type 0 where the processor has types).
-        appended = {"input_ids": answer_ids, "attention_mask": torch.ones_like(answer_ids)}
-        for key in _TOKEN_KEYS & item.keys():
-            item[key] = torch.cat([item[key], appended.get(key, torch.zeros_like(answer_ids))])
-        item["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer_ids])
+        item = append_answer(item, answer_token_sequence(tokenizer, answer))
     return item
+
+
+def answer_token_sequence(tokenizer: PreTrainedTokenizerBase, answer: str) -> torch.Tensor:
+    """``answer``'s token ids and the eos: what an assistant turn holds."""
+    return torch.tensor(
+        [*tokenizer(answer, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    )
+
+
+def append_answer(item: Mapping[str, torch.Tensor], answer_ids: torch.Tensor) -> dict:
+    """A prompt's inputs followed by ``answer_ids``, the only labelled tokens (the prompt's
+    are ``IGNORE_INDEX``); position ids, where the prompt has them, run on after its last."""
+    prompt_length = len(item["input_ids"])
+    # Answer tokens are attended text tokens (token type 0 where the processor has types).
+    appended = {"input_ids": answer_ids, "attention_mask": torch.ones_like(answer_ids)}
+    if "position_ids" in item:
+        last = int(item["position_ids"][-1])
+        appended["position_ids"] = torch.arange(last + 1, last + 1 + len(answer_ids))
+    extended = dict(item)
+    for key in _TOKEN_KEYS & item.keys() - {"labels"}:
+        extended[key] = torch.cat([item[key], appended.get(key, torch.zeros_like(answer_ids))])
+    extended["labels"] = torch.cat([torch.full((prompt_length,), IGNORE_INDEX), answer_ids])
+    return extended
 
 
 def encode_vqa(
@@ -805,8 +839,23 @@ def vqa_loss(
     yes_no_ids: tuple[int, int] | None = None,
     balanced: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The LM loss on the answer tokens (the only labelled ones), and how often the first
-    answer token (Yes/No) is the model's top prediction.
+    """``answer_loss_terms`` of ``model``'s logits for ``batch`` (its ``labels`` mark the
+    answer tokens, the only scored ones)."""
+    output = model(**{key: value for key, value in batch.items() if key != "labels"})
+    return answer_loss_terms(
+        output.logits, batch["labels"], yes_no_ids=yes_no_ids, balanced=balanced
+    )
+
+
+def answer_loss_terms(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    yes_no_ids: tuple[int, int] | None = None,
+    balanced: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The LM loss on the answer tokens (labels other than ``IGNORE_INDEX``), and how often
+    each answer's first token is the model's top prediction.
 
     With ``yes_no_ids`` (``answer_token_ids``) every answer's first token that is "Yes" or
     "No" is scored on those two logits alone (a two-way cross-entropy, as the judge reads
@@ -816,20 +865,18 @@ def vqa_loss(
     apart and added, so the decision weighs as much as its reason however many tokens the
     reason has (averaged together, a 7-token reason is 7/8 of an answer's gradient).
     """
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    answered = targets != IGNORE_INDEX
+    starts = answered & (labels[:, :-1] == IGNORE_INDEX)
+    if not answered.any():  # e.g. a batch of questions only an auxiliary head scores
+        return logits.sum() * 0.0, {}
     if yes_no_ids is None:
-        output = model(**batch)
-        labels = batch["labels"]
-        first = (labels != IGNORE_INDEX).int().argmax(dim=1)
-        rows = torch.arange(len(labels), device=labels.device)
-        predicted = output.logits[rows, first - 1].argmax(dim=-1)
-        accuracy = (predicted == labels[rows, first]).float().mean()
-        return output.loss, {"first_token_accuracy": float(accuracy)}
-    output = model(**{key: value for key, value in batch.items() if key != "labels"})
-    logits, targets = output.logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits[answered], targets[answered])
+        accuracy = (logits[starts].argmax(dim=-1) == targets[starts]).float().mean()
+        return loss, {"first_token_accuracy": float(accuracy)}
     yes_id, no_id = yes_no_ids
-    starts = (targets != IGNORE_INDEX) & (batch["labels"][:, :-1] == IGNORE_INDEX)
     first = starts & ((targets == yes_id) | (targets == no_id))
-    rest = (targets != IGNORE_INDEX) & ~first
+    rest = answered & ~first
     pair = logits[first][:, [no_id, yes_id]]
     said_yes = (targets[first] == yes_id).long()
     decision = F.cross_entropy(pair, said_yes, reduction="sum")
@@ -848,11 +895,14 @@ def answer_loss(
     """``vqa_loss`` as a trainer's ``compute_loss``: the LM loss on every answer token, or
     with "yes_no" each answer's "Yes"/"No" on those two logits alone ("yes_no_balanced": that
     term and the other tokens' LM loss averaged apart)."""
+    return functools.partial(vqa_loss, **answer_loss_settings(kind, tokenizer))
+
+
+def answer_loss_settings(kind: AnswerLoss, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """``answer_loss_terms``' keyword arguments for an ``AnswerLoss``."""
     if kind == "language_model":
-        return vqa_loss
-    return functools.partial(
-        vqa_loss, yes_no_ids=answer_token_ids(tokenizer), balanced=kind == "yes_no_balanced"
-    )
+        return {}
+    return {"yes_no_ids": answer_token_ids(tokenizer), "balanced": kind == "yes_no_balanced"}
 
 
 def frozen_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
@@ -863,6 +913,29 @@ def frozen_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
     if getattr(projector, "categories", None):
         frozen.extend(projector.attribute_readout.parameters())
     return frozen
+
+
+@torch.no_grad()
+def select_vision_features(
+    model: PreTrainedModel, images: np.ndarray, *, batch_size: int = 500
+) -> torch.Tensor:
+    """What the tiny LLaVA's projector reads for each uint8 (H, W, 3) image: the frozen
+    vision tower's hidden states at the config's feature layer (the CLS token dropped by the
+    "default" strategy), float32 on the CPU. Computed once for a pool of renders, they stand
+    in for its pixels (``PooledLlavaModel.forward``'s ``vision_features``)."""
+    tower = vision_encoder(model)
+    config = model.config
+    parameter = next(tower.parameters())
+    features = []
+    for start in tqdm(range(0, len(images), batch_size), desc="vision features"):
+        batch = images[start : start + batch_size]
+        # The tiny processor's normalisation: CLIP's mean and std, no resizing.
+        pixels = to_pixel_values(batch, batch.shape[1]).to(parameter.device, parameter.dtype)
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+        if config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        features.append(hidden.float().cpu())
+    return torch.cat(features)
 
 
 def vision_encoder(model: PreTrainedModel) -> nn.Module:

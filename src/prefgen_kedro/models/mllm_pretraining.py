@@ -30,41 +30,49 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
+from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
 from prefgen_kedro.data.tables import DISLIKED, LIKED
-from prefgen_kedro.models.clip import to_pixel_values
 from prefgen_kedro.models.mllm import (
+    IGNORE_INDEX,
     AnswerLoss,
     MllmPreferenceModel,
     PreferenceContext,
-    answer_loss,
+    answer_loss_settings,
+    answer_loss_terms,
+    answer_token_sequence,
+    append_answer,
     build_tiny_mllm,
     build_tiny_processor,
     collate_vqa,
     encode_chat,
     encode_vqa,
     frozen_parameters,
+    select_vision_features,
     train_tokenizer,
-    vision_encoder,
+    vqa_loss,
 )
+from prefgen_kedro.models.probes import mean_auc
 from prefgen_kedro.models.vqa import (
     IMAGE_PLACEHOLDER,
     QUERY_MARKER,
     TASTE_QUESTION,
     answer_text,
+    context_summary,
     counting_rule_accuracy,
     counting_rule_scores,
+    parse_taste,
     query_prompt,
     taste_text,
     vqa_corpus,
@@ -127,6 +135,14 @@ class MllmStage(BaseModel, extra="forbid"):
     queries: tuple[int, int] = (1, 1)  # questions per context, answered in turn (preference)
     # "yes_no": each answer's "Yes"/"No" scored on those two logits alone (``vqa_loss``).
     answer_loss: AnswerLoss = "language_model"
+    # > 0: taste samples also train a multi-label head on the taste question's state to
+    # name the user's liked and disliked attributes (``TasteHead``), with this weight.
+    taste_head_weight: float = Field(default=0.0, ge=0.0)
+    # False: taste samples carry no answer, only the head scores them. The answer's first
+    # token ("likes:") is the same for every user, and learning it while the head is still
+    # blind pulled the taste question's state to one value for all users (the head's AUC
+    # stayed at 0.50 through 32 k users); learned first, the head keeps that state apart.
+    taste_answer: bool = True
     train: TrainConfig
 
 
@@ -146,12 +162,36 @@ class MllmPretrainParams(BaseModel, extra="forbid"):
 
 
 class _Task(Dataset):
-    """A procedural dataset of ``n_samples`` chat samples; ``collate`` pads them."""
+    """A procedural dataset of ``n_samples`` chat samples over a pool of renders whose
+    ``features`` (``select_vision_features``, pool order) stand in for their pixels;
+    ``collate`` pads them. Without features it only draws (e.g. questions to evaluate on).
 
-    def __init__(self, processor: ProcessorMixin, n_samples: int, seed: int) -> None:
+    A sample's tokens depend on its layout (how many images, the question, the answers)
+    and never on the pictures, so each layout is encoded once, on blank pictures, and a
+    sample is its layout with its images' features (``_sample``).
+    """
+
+    _MAX_LAYOUTS = 4096  # answers with reasons make many layouts; kept bounded
+
+    def __init__(
+        self,
+        pool: RenderSet,
+        processor: ProcessorMixin,
+        features: torch.Tensor | None,
+        n_samples: int,
+        seed: int,
+        slot_positions: bool,
+    ) -> None:
+        if features is not None and len(features) != len(pool.images):
+            raise ValueError(f"{len(features)} feature rows for a pool of {len(pool.images)}")
+        self.pool = pool
         self.processor = processor
+        self.features = features
         self.n_samples = n_samples
         self.seed = seed
+        self.slot_positions = slot_positions
+        self._blank = np.zeros_like(pool.images[0])
+        self._layouts: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.n_samples
@@ -160,6 +200,22 @@ class _Task(Dataset):
         if not 0 <= index < self.n_samples:
             raise IndexError(f"index {index} out of range for {self.n_samples} samples")
         return np.random.default_rng([self.seed, index])
+
+    def _layout(self, key: tuple, encode: Callable[[np.ndarray], dict]) -> dict:
+        """``encode(blank picture)``'s tokens, once per ``key``."""
+        if key not in self._layouts:
+            if len(self._layouts) >= self._MAX_LAYOUTS:
+                self._layouts.clear()
+            encoded = encode(self._blank)
+            encoded.pop("pixel_values")
+            self._layouts[key] = encoded
+        return self._layouts[key]
+
+    def _sample(self, layout: dict, rows: Sequence[int], **extra: torch.Tensor) -> dict:
+        """``layout`` with the features of pool ``rows`` (in the layout's image order)."""
+        if self.features is None:
+            raise ValueError("a task built without features draws questions but makes no samples")
+        return {**layout, "vision_features": self.features[list(rows)], **extra}
 
     def collate(self, items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate_vqa(items, pad_token_id=self.processor.tokenizer.pad_token_id)
@@ -172,25 +228,28 @@ class CaptionTask(_Task):
         self,
         pool: RenderSet,
         processor: ProcessorMixin,
+        features: torch.Tensor,
         *,
         n_samples: int,
         seed: int,
         slot_positions: bool = True,
     ) -> None:
-        super().__init__(processor, n_samples, seed)
-        self.pool = pool
+        super().__init__(pool, processor, features, n_samples, seed, slot_positions)
         self.captions = pool.captions
-        self.slot_positions = slot_positions
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         picked = int(self._rng(index).integers(len(self.captions)))
-        return encode_chat(
-            self.processor,
-            f"{DESCRIBE} {QUERY_MARKER}{IMAGE_PLACEHOLDER}",
-            [self.pool.images[picked]],
-            self.captions[picked],
-            slot_positions=self.slot_positions,
+        prompt = self._layout(
+            ("caption",),
+            lambda blank: encode_chat(
+                self.processor,
+                f"{DESCRIBE} {QUERY_MARKER}{IMAGE_PLACEHOLDER}",
+                [blank],
+                slot_positions=self.slot_positions,
+            ),
         )
+        answer = answer_token_sequence(self.processor.tokenizer, self.captions[picked])
+        return self._sample(append_answer(prompt, answer), [picked])
 
 
 @dataclass(frozen=True)
@@ -225,6 +284,7 @@ class SimulatedUserVqa(_Task):
         self,
         pool: RenderSet,
         processor: ProcessorMixin,
+        features: torch.Tensor | None,
         *,
         n_samples: int,
         seed: int,
@@ -236,8 +296,10 @@ class SimulatedUserVqa(_Task):
         with_reasons: bool = True,
         taste_probability: float = 0.0,
         queries: tuple[int, int] = (1, 1),
+        taste_targets: bool = False,
+        taste_answer: bool = True,
     ) -> None:
-        super().__init__(processor, n_samples, seed)
+        super().__init__(pool, processor, features, n_samples, seed, slot_positions)
         for name, (low, high) in (("k", k), ("queries", queries)):
             if not 1 <= low <= high:
                 raise ValueError(
@@ -245,15 +307,15 @@ class SimulatedUserVqa(_Task):
                 )
         if not 0.0 <= copy_probability <= 1.0:
             raise ValueError(f"copy_probability must be in [0, 1], got {copy_probability}")
-        self.pool = pool
         self.k = k
         self.copy_probability = copy_probability
         self.n_liked = n_liked
         self.n_disliked = n_disliked
-        self.slot_positions = slot_positions
         self.with_reasons = with_reasons
         self.taste_probability = taste_probability
         self.queries = queries
+        self.taste_targets = taste_targets
+        self.taste_answer = taste_answer
         # Attribute-major, so one attribute's row over the pool is contiguous.
         self.present = np.ascontiguousarray(attribute_matrix(pool.styles).T)
         self.pool_attributes = [attribute_ids(style) for style in pool.styles]
@@ -332,27 +394,65 @@ class SimulatedUserVqa(_Task):
             [images[i] for i in question.liked], [images[i] for i in question.disliked]
         )
 
+    def taste_target(self, user: SimulatedUser) -> torch.Tensor:
+        """(2 × attributes,) multi-hot: the user's liked attributes, then its disliked ones
+        (``ATTRIBUTE_IDS`` order), all of them, whether the context shows them or not."""
+        target = torch.zeros(2 * len(self._column))
+        target[[self._column[a] for a in user.liked]] = 1.0
+        target[[len(self._column) + self._column[a] for a in user.disliked]] = 1.0
+        return target
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         question, *follow_ups = self.questions(index)
+        k = len(question.liked)
+        context = [*question.liked, *question.disliked]
         if self._rng(index).random() < self.taste_probability:
-            return encode_vqa(
-                self.processor,
-                self.context(question),
-                None,
-                self.taste(question),
-                slot_positions=self.slot_positions,
-                question=TASTE_QUESTION,
+            prompt = self._layout(
+                ("taste", k),
+                lambda blank: encode_vqa(
+                    self.processor,
+                    PreferenceContext([blank] * k, [blank] * k),
+                    None,
+                    slot_positions=self.slot_positions,
+                    question=TASTE_QUESTION,
+                ),
             )
-        return encode_vqa(
-            self.processor,
-            self.context(question),
-            self.pool.images[question.query],
-            question.answer,
-            slot_positions=self.slot_positions,
-            follow_ups=[
-                (query_prompt(), [self.pool.images[q.query]], q.answer) for q in follow_ups
-            ],
+            if self.taste_answer:
+                answer = answer_token_sequence(self.processor.tokenizer, self.taste(question))
+                prompt = append_answer(prompt, answer)
+            else:
+                prompt = {**prompt, "labels": torch.full_like(prompt["input_ids"], IGNORE_INDEX)}
+            extra = (
+                {
+                    "taste_position": torch.tensor([len(prompt["input_ids"]) - 1]),
+                    "taste_targets": self.taste_target(question.user)[None],
+                }
+                if self.taste_targets
+                else {}
+            )
+            return self._sample(prompt, context, **extra)
+        answers = tuple(q.answer for q in (question, *follow_ups))
+        layout = self._layout(
+            ("preference", k, answers),
+            lambda blank: encode_vqa(
+                self.processor,
+                PreferenceContext([blank] * k, [blank] * k),
+                blank,
+                answers[0],
+                slot_positions=self.slot_positions,
+                follow_ups=[(query_prompt(), [blank], answer) for answer in answers[1:]],
+            ),
         )
+        extra = (
+            {
+                "taste_position": torch.tensor([-1]),
+                "taste_targets": torch.zeros(1, 2 * len(self._column)),
+            }
+            if self.taste_targets
+            else {}
+        )
+        queries = [q.query for q in (question, *follow_ups)]
+        return self._sample(layout, [*context, *queries], **extra)
 
 
 def _pop_random(rng: np.random.Generator, ids: np.ndarray) -> tuple[int, np.ndarray]:
@@ -375,7 +475,13 @@ def evaluate_on_simulated_users(
     """Yes/no accuracy of ``judge`` on fresh simulated users (no copies), next to the
     counting rule on the same questions, at context size ``k``."""
     questions = SimulatedUserVqa(
-        pool, processor, n_samples=n_questions, seed=seed, k=(k, k), slot_positions=slot_positions
+        pool,
+        processor,
+        None,
+        n_samples=n_questions,
+        seed=seed,
+        k=(k, k),
+        slot_positions=slot_positions,
     )
     asked = [questions.question(i) for i in range(n_questions)]
     was_training = model.training
@@ -398,6 +504,116 @@ def evaluate_on_simulated_users(
     }
 
 
+class TasteHead(nn.Module):
+    """The MLLM with an auxiliary multi-label head on the last layer's state where it is
+    asked for a user's taste (``TASTE_QUESTION``'s last token, the state ``probing`` reads
+    ``e_sem`` from): one logit per attribute for "liked", then one per attribute for
+    "disliked". A stand-in's pretraining device, never shipped: it makes summarising a
+    fresh user's context a task of its own, scored on every taste sample."""
+
+    def __init__(self, mllm: PreTrainedModel, n_attributes: int) -> None:
+        super().__init__()
+        self.mllm = mllm
+        self.head = nn.Linear(mllm.config.text_config.hidden_size, 2 * n_attributes)
+
+    def forward(
+        self, taste_position: torch.Tensor, **inputs: torch.Tensor
+    ) -> tuple[Any, torch.Tensor]:
+        """The MLLM's output (with hidden states) and the head's logits for the samples
+        whose ``taste_position`` is not −1, in batch order."""
+        output = self.mllm(**inputs, output_hidden_states=True)
+        asked = (taste_position >= 0).nonzero().squeeze(1)
+        states = output.hidden_states[-1][asked, taste_position[asked]]
+        return output, self.head(states)
+
+
+def taste_head_loss(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    weight: float,
+    **answer_settings: Any,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``compute_loss`` for a ``TasteHead``: ``answer_loss_terms`` on every answer plus
+    ``weight`` × the head's binary cross-entropy on the taste samples' users."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "taste_targets")}
+    output, taste_logits = model(**inputs)
+    loss, metrics = answer_loss_terms(output.logits, batch["labels"], **answer_settings)
+    asked = batch["taste_position"] >= 0
+    if asked.any():
+        taste = F.binary_cross_entropy_with_logits(
+            taste_logits.float(), batch["taste_targets"][asked]
+        )
+        loss = loss + weight * taste
+        metrics["taste_loss"] = float(taste.detach())
+    return loss, metrics
+
+
+class HeldoutTaste:
+    """Taste summaries of fresh held-out users (``n_users`` contexts of K liked + K disliked
+    renders of ``heldout``): how well a ``TasteHead`` names their liked attributes (mean ROC
+    AUC over attributes), next to the counting rule on the same contexts."""
+
+    def __init__(
+        self,
+        heldout: RenderSet,
+        processor: ProcessorMixin,
+        features: torch.Tensor,
+        *,
+        k: int,
+        n_users: int,
+        seed: int,
+        slot_positions: bool,
+        simulated_users: SimulatedUsersParams,
+        batch_size: int = 64,
+    ) -> None:
+        task = SimulatedUserVqa(
+            heldout,
+            processor,
+            features,
+            n_samples=n_users,
+            seed=seed,
+            k=(k, k),
+            taste_probability=1.0,
+            taste_targets=True,
+            slot_positions=slot_positions,
+            **simulated_users.model_dump(),
+        )
+        self.batches = [
+            task.collate([task[i] for i in range(start, min(start + batch_size, n_users))])
+            for start in range(0, n_users, batch_size)
+        ]
+        self.liked = torch.cat([batch["taste_targets"] for batch in self.batches])[
+            :, : len(ATTRIBUTE_IDS)
+        ]
+        asked = [task.question(i) for i in range(n_users)]
+        summaries = [
+            context_summary(
+                [task.pool_attributes[i] for i in q.liked],
+                [task.pool_attributes[i] for i in q.disliked],
+            )
+            for q in asked
+        ]
+        self.counting_rule_auc = mean_auc(torch.from_numpy(np.stack(summaries)), self.liked)
+
+    @torch.no_grad()
+    def __call__(self, model: TasteHead) -> float:
+        """Mean ROC AUC of the head's "liked" logits for the users' liked attributes."""
+        was_training = model.training
+        model.eval()
+        parameter = next(model.parameters())
+        logits = []
+        for batch in self.batches:
+            inputs = {
+                k: v.to(parameter.device)
+                for k, v in batch.items()
+                if k not in ("labels", "taste_targets")
+            }
+            logits.append(model(**inputs)[1][:, : len(ATTRIBUTE_IDS)].float().cpu())
+        model.train(was_training)
+        return mean_auc(torch.cat(logits), self.liked)
+
+
 def pretrain(
     renders: RenderSet,
     heldout: RenderSet,
@@ -409,10 +625,13 @@ def pretrain(
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
     """A BPE tokenizer trained on the captions and prompts, a LLaVA on ``vision_from``'s
     (frozen) vision tower, trained through ``params.stages`` in order on ``renders`` and
-    fresh simulated users. After each stage its preference accuracy on ``heldout`` renders
-    is measured (the learning curve); the returned model is rounded to fp16 and back, so
-    the final figures are those of the checkpoint that ships in fp16. ``fingerprint`` (what
-    the run depends on besides ``params``) keys the trainer's resumable checkpoints."""
+    fresh simulated users. The frozen tower's features of every render are computed once
+    and stand in for the pixels. After each stage its preference accuracy on ``heldout``
+    renders is measured; stages with a taste head also log the head's taste AUC on held-out
+    users against samples seen (the learning curve). The returned model is rounded to fp16
+    and back, so the final figures are those of the checkpoint that ships in fp16.
+    ``fingerprint`` (what the run depends on besides ``params``) keys the trainer's
+    resumable checkpoints."""
     started = time.perf_counter()
     arch = params.architecture
     tokenizer = train_tokenizer(
@@ -445,25 +664,51 @@ def pretrain(
         )
         readout = attribute_readout_accuracy(model, heldout)
         lineage += f" readout={params.attribute_readout.model_dump_json()}"
+    features = select_vision_features(model, renders.images)
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
     frozen = {id(p) for p in frozen_parameters(model)}
     trainable = [p for p in model.parameters() if id(p) not in frozen]
+    torch.manual_seed(params.stages[0].train.seed)
+    taste_head = TasteHead(model, len(ATTRIBUTE_IDS))
+    heldout_taste = (
+        HeldoutTaste(
+            heldout,
+            processor,
+            select_vision_features(model, heldout.images),
+            k=max(params.eval.ks),
+            n_users=params.eval.questions,
+            seed=params.eval.seed,
+            slot_positions=params.slot_positions,
+            simulated_users=params.simulated_users,
+        )
+        if any(stage.taste_head_weight for stage in params.stages)
+        else None
+    )
     evaluate = functools.partial(_evaluate, processor=processor, heldout=heldout, params=params)
     stages = []
     for stage in params.stages:
-        dataset = _stage_dataset(stage, renders, processor, params)
+        dataset = _stage_dataset(stage, renders, features, processor, params)
         lineage += f" {stage.model_dump_json()}"
+        settings = answer_loss_settings(stage.answer_loss, tokenizer)
+        with_head = stage.taste_head_weight > 0
         result = train(
-            model,
+            taste_head if with_head else model,
             dataset,
-            answer_loss(stage.answer_loss, tokenizer),
+            functools.partial(taste_head_loss, weight=stage.taste_head_weight, **settings)
+            if with_head
+            else functools.partial(vqa_loss, **settings),
             stage.train,
             checkpoint_root=checkpoint_root,
             name=f"mllm_{stage.name}",
             # Each stage continues the previous ones: its checkpoints depend on all of them.
             fingerprint=hashlib.sha256(lineage.encode()).hexdigest(),
             collate_fn=dataset.collate,
-            trainable_parameters=trainable,
+            trainable_parameters=[*trainable, *taste_head.head.parameters()]
+            if with_head
+            else trainable,
+            on_log=(lambda step, entry: {"heldout_taste_auc": heldout_taste(taste_head)})
+            if with_head
+            else None,
         )
         stages.append(
             {
@@ -478,18 +723,93 @@ def pretrain(
                 "heldout": evaluate(model),
             }
         )
-    model = model.half().float().eval()
+    model = model.half().float()
+    taste_head.eval()  # and the model it holds
     report = {
         "seed": params.stages[0].train.seed,
         "steps": sum(stage.train.max_steps for stage in params.stages),
         "wall_seconds": time.perf_counter() - started,
         "resumed_from_step": None,
-        "metrics": {"heldout_simulated_users": evaluate(model)},
+        "metrics": {
+            "heldout_simulated_users": evaluate(model),
+            "heldout_taste_answers": taste_answer_accuracy(
+                model,
+                processor,
+                heldout,
+                k=max(params.eval.ks),
+                n_users=params.eval.questions,
+                seed=params.eval.seed,
+                slot_positions=params.slot_positions,
+                simulated_users=params.simulated_users,
+            ),
+        },
         "learning_curve": stages,
     }
+    if heldout_taste is not None:
+        report["metrics"]["heldout_taste_summary"] = {
+            "users": params.eval.questions,
+            "k": max(params.eval.ks),
+            "head_auc": heldout_taste(taste_head),  # the head on the fp16-rounded model
+            "counting_rule_auc": heldout_taste.counting_rule_auc,
+        }
     if readout is not None:
         report["metrics"]["attribute_readout_heldout_accuracy"] = readout
     return model, processor, report
+
+
+def taste_answer_accuracy(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    heldout: RenderSet,
+    *,
+    k: int,
+    n_users: int,
+    seed: int,
+    slot_positions: bool,
+    simulated_users: SimulatedUsersParams,
+) -> dict[str, float]:
+    """The greedy answers to ``TASTE_QUESTION`` about fresh held-out users (K liked + K
+    disliked renders each), what ``viper_style`` puts into a prompt: the share of named
+    liked (disliked) values the user truly likes (dislikes), the share of the user's liked
+    values the context shows that are named, and how many distinct answers were given."""
+    task = SimulatedUserVqa(
+        heldout,
+        processor,
+        None,
+        n_samples=n_users,
+        seed=seed,
+        k=(k, k),
+        slot_positions=slot_positions,
+        **simulated_users.model_dump(),
+    )
+    asked = [task.question(i) for i in range(n_users)]
+    was_training = model.training
+    answers = MllmPreferenceModel(model, processor, slot_positions=slot_positions).answer(
+        [task.context(q) for q in asked], None, question=TASTE_QUESTION
+    )
+    model.train(was_training)
+    named = {"liked": [0, 0], "disliked": [0, 0]}  # [true, all] named values
+    recalled = [0, 0]  # [named, shown] liked values
+    for question, answer in zip(asked, answers, strict=True):
+        liked, disliked = parse_taste(answer)
+        truth = {
+            "liked": {attribute(a).value for a in question.user.liked},
+            "disliked": {attribute(a).value for a in question.user.disliked},
+        }
+        for side, words in (("liked", liked), ("disliked", disliked)):
+            named[side][0] += sum(word in truth[side] for word in words)
+            named[side][1] += len(words)
+        shown, _ = parse_taste(task.taste(question))
+        recalled[0] += len(set(shown) & set(liked))
+        recalled[1] += len(shown)
+    return {
+        "users": n_users,
+        "k": k,
+        "liked_precision": named["liked"][0] / max(named["liked"][1], 1),
+        "disliked_precision": named["disliked"][0] / max(named["disliked"][1], 1),
+        "liked_recall": recalled[0] / max(recalled[1], 1),
+        "distinct_answers": len(set(answers)),
+    }
 
 
 def _category_labels(renders: RenderSet) -> torch.Tensor:
@@ -499,22 +819,11 @@ def _category_labels(renders: RenderSet) -> torch.Tensor:
     )
 
 
-@torch.no_grad()
-def _readout_inputs(
-    model: PreTrainedModel, renders: RenderSet, batch_size: int = 500
-) -> torch.Tensor:
+def _readout_inputs(model: PreTrainedModel, renders: RenderSet) -> torch.Tensor:
     """What the attribute read-out reads for every render (the frozen vision tower's CLS
-    token and mean patch at the model's feature layer), with a progress bar."""
-    tower = vision_encoder(model)
+    token and mean patch at the model's feature layer)."""
     projector = model.model.multi_modal_projector
-    inputs = []
-    for start in tqdm(range(0, len(renders.images), batch_size), desc="readout features"):
-        images = renders.images[start : start + batch_size]
-        # The tiny processor's normalisation: CLIP's mean and std, no resizing.
-        pixels = to_pixel_values(images, images.shape[1]).to(tower.dtype)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states
-        inputs.append(projector.readout_inputs(hidden[model.config.vision_feature_layer]).float())
-    return torch.cat(inputs)
+    return projector.readout_inputs(select_vision_features(model, renders.images))
 
 
 def fit_attribute_readout(
@@ -569,22 +878,34 @@ def attribute_readout_accuracy(model: PreTrainedModel, renders: RenderSet) -> di
 
 
 def _stage_dataset(
-    stage: MllmStage, renders: RenderSet, processor: ProcessorMixin, params: MllmPretrainParams
+    stage: MllmStage,
+    renders: RenderSet,
+    features: torch.Tensor,
+    processor: ProcessorMixin,
+    params: MllmPretrainParams,
 ) -> CaptionTask | SimulatedUserVqa:
     n_samples = stage.train.max_steps * stage.train.batch_size
     seed = stage.train.seed
     if stage.task == "caption":
         return CaptionTask(
-            renders, processor, n_samples=n_samples, seed=seed, slot_positions=params.slot_positions
+            renders,
+            processor,
+            features,
+            n_samples=n_samples,
+            seed=seed,
+            slot_positions=params.slot_positions,
         )
     return SimulatedUserVqa(
         renders,
         processor,
+        features,
         n_samples=n_samples,
         seed=seed,
         k=stage.k,
         copy_probability=stage.copy_probability,
         taste_probability=stage.taste_probability,
+        taste_targets=stage.taste_head_weight > 0,
+        taste_answer=stage.taste_answer,
         with_reasons=stage.reasons,
         queries=stage.queries,
         slot_positions=params.slot_positions,

@@ -14,8 +14,8 @@ a distinct marker (and the slot-aligned positions of ``mllm.py``, which find slo
 
 Public API: ``VqaExample``, ``sample_vqa_examples``, ``build_prompt``, ``vqa_corpus``,
 ``examples_table`` / ``examples_from_table``, ``sample_contexts``, ``counting_rule_score`` /
-``counting_rule_scores`` / ``counting_rule_accuracy`` (the reference a reader of the
-attributes reaches), the placeholder and marker strings, and ``YES`` / ``NO``.
+``counting_rule_scores`` / ``counting_rule_accuracy`` / ``context_summary`` (the reference a
+reader of the attributes reaches), the placeholder and marker strings, and ``YES`` / ``NO``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from prefgen_kedro.data.tables import (
     USERS_COLUMNS,
     require_columns,
 )
-from prefgen_kedro.world.vocabulary import ATTRIBUTES, attribute
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, ATTRIBUTES, attribute
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,20 @@ def counting_rule_score(
     return sum(
         sum(a in image for image in liked) - sum(a in image for image in disliked) for a in query
     )
+
+
+def context_summary(
+    liked: Sequence[Collection[str]], disliked: Sequence[Collection[str]]
+) -> np.ndarray:
+    """A perfect summary of what a context shows, one value per attribute (``ATTRIBUTE_IDS``
+    order): the liked images showing it minus the disliked ones (float32). Its value at an
+    attribute is the counting rule's score of a query showing that attribute alone."""
+    column = {attribute_id: i for i, attribute_id in enumerate(ATTRIBUTE_IDS)}
+    summary = np.zeros(len(column), np.float32)
+    for images, sign in ((liked, 1.0), (disliked, -1.0)):
+        for image in images:
+            summary[[column[a] for a in image]] += sign
+    return summary
 
 
 def counting_rule_scores(

@@ -190,6 +190,19 @@ class RenderSet:
     def captions(self) -> list[str]:
         return [caption(s, style) for s, style in zip(self.subjects, self.styles, strict=True)]
 
+    def partial_captions(self, drop_probability: float, seed: int) -> list[str]:
+        """One caption per render with each category left unsaid with ``drop_probability``
+        (independently, drawn with ``seed``): at 0.5 every subset of the categories is as
+        likely, the subject-only prompt and the full caption among them."""
+        if not 0.0 <= drop_probability <= 1.0:
+            raise ValueError(f"drop_probability must be in [0, 1], got {drop_probability}")
+        kept = np.random.default_rng(seed).random((len(self.styles), len(CATEGORIES)))
+        kept = kept >= drop_probability
+        return [
+            caption(subject, {c: style[c] for c, keep in zip(CATEGORIES, row, strict=True) if keep})
+            for subject, style, row in zip(self.subjects, self.styles, kept, strict=True)
+        ]
+
     def first(self, n: int) -> RenderSet:
         """The first ``n`` renders (ungrouped)."""
         return RenderSet(self.subjects[:n], self.styles[:n], self.images[:n])

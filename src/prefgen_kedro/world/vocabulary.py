@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,12 +161,15 @@ def attribute_matrix(styles: list[dict[str, str]]) -> np.ndarray:
     return present
 
 
-def caption(subject: str, style: dict[str, str]) -> str:
-    """A full caption, e.g. "a dotted orange star on a teal background, top, pastel"."""
-    return (
-        f"a {style['pattern']} {style['subject_colour']} {subject} on a "
-        f"{style['background']} background, {style['composition']}, {style['tone']}"
-    )
+def caption(subject: str, style: Mapping[str, str]) -> str:
+    """A caption, e.g. "a dotted orange star on a teal background, top, pastel" for a full
+    style; a category missing from ``style`` is left unsaid ("a dotted star, top"; with no
+    category, ``subject_prompt``'s "a star")."""
+    words = [style[c] for c in ("pattern", "subject_colour") if c in style]
+    text = " ".join(["a", *words, subject])
+    if "background" in style:
+        text += f" on a {style['background']} background"
+    return ", ".join([text, *(style[c] for c in ("composition", "tone") if c in style)])
 
 
 def subject_prompt(subject: str) -> str:

@@ -22,12 +22,20 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
     conditions = pd.read_parquet(data / "05_model_input" / "user_conditions.parquet")
     users = pd.read_parquet(data / "02_intermediate" / "users.parquet")
     assert set(conditions["user_id"]) == set(users["user_id"])
-    parts = {"e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", "true_sem"}
+    parts = {
+        "e_sem_hat",
+        "e_sem_hat_no_mmd",
+        "oracle_state_hat",
+        "e_core",
+        "e_img",
+        "mean_clip",
+        "true_sem",
+    }
     assert parts <= set(conditions)
-    # a perfect ê_sem: one text-space state (e_sem_hat's width) per liked attribute
+    # a perfect ê_sem: one text-space state per liked attribute, as many as ê_sem's tokens
     row = conditions.iloc[0]
     liked = users.set_index("user_id").loc[row["user_id"], "liked_attributes"]
-    assert len(row["true_sem"]) == len(liked) * len(row["e_sem_hat"])
+    assert len(row["true_sem"]) == len(row["e_sem_hat"]) == len(liked) * 16  # smoke text width
 
     branches = UserBranches.from_pretrained(data / "06_models" / "user_branches")
     expected = {
@@ -39,6 +47,7 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
         "ip_adapter",
         "mean_clip",
         "oracle_taste",
+        "oracle_state",
     }
     assert set(branches.adapters) == expected
     assert branches.adapters["ip_adapter"].part_names == ["e_img"]

@@ -24,6 +24,7 @@ METHODS = {
     "prefgen_no_sem",
     "prefgen_no_img",
     "oracle_taste",
+    "oracle_state",
 }
 
 
@@ -41,8 +42,13 @@ def test_every_method_is_scored_on_the_same_cases(smoke_evaluated):
     expected = {"like_rate", "utility", "judge_p_yes", "clip_i", "clip_score", "fid", "kid"}
     for method in METHODS | {"real"}:
         assert expected <= set(metrics.loc[metrics["method"] == method, "metric"])
-    assert (metrics["ci_low"] <= metrics["mean"] + 1e-9).all()
-    assert (metrics["mean"] <= metrics["ci_high"] + 1e-9).all()
+    with_interval = metrics.dropna(subset=["ci_low"])
+    assert set(metrics["metric"]) - set(with_interval["metric"]) == {"taste_auc"}
+    assert (with_interval["ci_low"] <= with_interval["mean"] + 1e-9).all()
+    assert (with_interval["mean"] <= with_interval["ci_high"] + 1e-9).all()
+    # the signal ladder's rows: each rung's taste AUC beside its like-rate
+    ladder = metrics[metrics["metric"] == "taste_auc"].set_index("method")["mean"]
+    assert {"real", "oracle_taste", "oracle_state", "prefgen"} <= set(ladder.index)
     wins = metrics[metrics["metric"] == "win_rate_of_prefgen"]
     assert set(wins["method"]) == METHODS - {"prefgen"}
 
@@ -54,8 +60,11 @@ def test_the_taste_audit_covers_every_condition_part(smoke_evaluated):
         "mean_clip",
         "e_img",
         "e_core",
+        "e_sem",
         "e_sem_hat",
         "e_sem_hat_no_mmd",
+        "oracle_state_hat",
+        "true_sem",
     }
     assert all(0.0 <= auc <= 1.0 for auc in audit["auc"].values())
     assert audit["split"] == "test" and audit["users"] > 0
@@ -65,6 +74,9 @@ def test_the_report_states_its_command_and_is_self_contained(smoke_evaluated):
     markdown = (smoke_evaluated / "08_reporting" / "benchmark.md").read_text()
     assert "`kedro run --pipelines evaluation --env smoke`" in markdown
     assert "## Preference alignment" in markdown and "Verdict:" in markdown
+    ladder = markdown[markdown.index("## Signal ladder") :].split("\n\n")[2].splitlines()[2:]
+    rows = [line.split("|")[1].strip(" `*") for line in ladder]
+    assert rows == ["real", "oracle_taste", "oracle_state", "prefgen"]
     assert "## Where the time went" in markdown and "| generate_images |" in markdown
     timings = json.loads((smoke_evaluated / "08_reporting" / "timings.json").read_text())
     assert [n["node"] for n in timings["nodes"]][-1] == "write_benchmark_report"
@@ -119,7 +131,13 @@ def test_win_rates_count_users_and_ties():
         bootstrap={"resamples": 100, "set_resamples": 10, "level": 0.95, "seed": 0},
         grid_users=1,
     )
-    metrics = summarize_metrics(scores, pd.DataFrame(), params).set_index(["method", "metric"])
+    audit = {"users": 3, "auc": {"counting_rule": 0.86, "e_sem_hat": 0.7, "true_sem": 1.0}}
+    metrics = summarize_metrics(scores, pd.DataFrame(), audit, params).set_index(
+        ["method", "metric"]
+    )
+    # the taste AUC of what each method reads, where the audit measured it
+    assert metrics.loc[("prefgen", "taste_auc"), "mean"] == pytest.approx(0.7)
+    assert ("base", "taste_auc") not in metrics.index
     # per user: a wins, b ties, c loses
     assert metrics.loc[("base", "win_rate_of_prefgen"), "mean"] == pytest.approx(0.5)
     assert metrics.loc[("prefgen", "like_rate"), "mean"] == pytest.approx(1 / 3)

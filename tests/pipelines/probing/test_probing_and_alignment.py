@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from prefgen_kedro.models.alignment import AlignmentMlp
+from prefgen_kedro.models.alignment import Aligners
 
 
 def test_probing_and_alignment_run_on_smoke(smoke_aligned):
@@ -33,7 +33,8 @@ def test_probing_and_alignment_run_on_smoke(smoke_aligned):
     first = embeddings.iloc[0]
     history = interactions[interactions["user_id"] == first["user_id"]]
     assert list(first["liked"]) == history.loc[history["label"] == 1, "image_id"].tolist()[:2]
-    for column in ("e_sem", "e_core", "e_img", "e_sem_hat", "e_sem_hat_no_mmd"):
+    parts = ("e_sem", "e_core", "e_img", "e_sem_hat", "e_sem_hat_no_mmd", "oracle_state_hat")
+    for column in parts:
         vectors = np.stack(embeddings[column].to_list())
         assert vectors.ndim == 2 and np.isfinite(vectors).all(), column
     # e_img is a normalised CLIP embedding; e_sem_hat lives in the text space
@@ -41,14 +42,25 @@ def test_probing_and_alignment_run_on_smoke(smoke_aligned):
         np.linalg.norm(np.stack(embeddings["e_img"].to_list()), axis=1), 1, atol=1e-4
     )
 
+    # a context's perfect summary: what its images show, liked minus disliked
+    contexts = pd.read_parquet(data / "05_model_input" / "context_embeddings.parquet")
+    summary = np.stack(contexts["context_summary"].to_list())
+    assert summary.shape[1] == 48 and np.abs(summary).sum(axis=1).min() > 0
+
     alignment = json.loads((data / "08_reporting" / "alignment_metrics.json").read_text())
-    for variant in ("prefgen", "prefgen_no_mmd"):
+    for variant in ("prefgen", "prefgen_no_mmd", "oracle_state"):
         assert 0 <= alignment[variant]["retrieval"]["recall_at_5"] <= 1
         assert alignment[variant]["diversity_across_users"] >= 0
         assert np.isfinite(alignment[variant]["mmd2_to_targets"])
     assert alignment["prefgen"]["retrieval"]["phrases"] == 48
-    aligner = AlignmentMlp.from_pretrained(data / "06_models" / "aligner")
+    aligners = Aligners.from_pretrained(data / "06_models" / "aligners")
+    assert set(aligners.mlps) == {"prefgen", "prefgen_no_mmd", "oracle_state"}
     e_sem = torch.from_numpy(np.stack(embeddings["e_sem"].to_list())).float()
     with torch.inference_mode():
-        again = aligner(e_sem).numpy()
-    assert np.allclose(again, np.stack(embeddings["e_sem_hat"].to_list()), atol=1e-5)
+        again = aligners["prefgen"](e_sem).numpy()
+    e_sem_hat = np.stack(embeddings["e_sem_hat"].to_list())
+    assert np.allclose(again, e_sem_hat, atol=1e-5)
+    # alignment.tokens text-space states (the smoke text width) a context
+    prefgen = aligners["prefgen"]
+    assert (prefgen.tokens, prefgen.out_dim) == (4, 16)
+    assert e_sem_hat.shape[1] == prefgen.tokens * prefgen.out_dim

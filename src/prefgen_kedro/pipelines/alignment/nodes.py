@@ -1,9 +1,11 @@
 """Nodes of ``alignment``: PrefGen step 3, ``e_sem`` → the diffusion text space.
 
-Two MLPs of one recipe are trained on the training users' contexts: ``prefgen`` with the
-per-user MMD² loss, ``prefgen_no_mmd`` (the ablation) with a point-wise MSE; both map every
-user's canonical ``e_sem`` to ``e_sem_hat``, and their retrieval and diversity are compared
-on the validation users.
+MLPs of one recipe are trained on the training users' contexts (``ALIGNER_VARIANTS``):
+``prefgen`` with the per-context MMD² loss, ``prefgen_no_mmd`` (the ablation) with a
+point-wise MSE, both from ``e_sem``, and in the agent world ``oracle_state``, PrefGen's recipe
+on a perfect context summary (the signal ladder's reference). Each maps every user's
+canonical context to a few text-space tokens (``e_sem_hat``, ...), and their retrieval and
+diversity are compared on the validation users.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.alignment import (
+    ALIGNER_VARIANTS,
+    Aligners,
     AlignmentMlp,
-    Objective,
     UserSetsDataset,
     alignment_loss,
     attribute_phrase_embeddings,
@@ -33,12 +36,11 @@ from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
-VARIANTS: dict[str, Objective] = {"prefgen": "mmd", "prefgen_no_mmd": "mse"}
-
 
 class AlignmentParams(StrictParams):
     checkpoint_root: str
     hidden_dim: int = Field(ge=1)
+    tokens: int = Field(ge=2)  # text-space tokens each context is mapped to
     bandwidth_factors: list[float] = Field(min_length=1)
     retrieval_k: int = Field(ge=1)
     train: TrainConfig
@@ -84,49 +86,64 @@ def make_alignment_targets(
 
 def train_aligners(
     context_embeddings: pd.DataFrame, alignment_targets: dict, params: AlignmentParams
-) -> tuple[AlignmentMlp, AlignmentMlp, dict]:
-    """The ``prefgen`` (MMD) and ``prefgen_no_mmd`` (MSE) MLPs, trained on training users."""
+) -> tuple[Aligners, dict]:
+    """One MLP per aligner variant (``ALIGNER_VARIANTS``) whose input column the contexts
+    have, trained on the training users' contexts with its objective."""
     train_rows = context_embeddings[context_embeddings["split"] == "train"]
-    groups = train_rows.groupby("user_id", sort=True)["e_sem"]
-    contexts = [torch.from_numpy(np.stack(vectors.to_list())) for _, vectors in groups]
-    targets = [alignment_targets["targets"][user_id] for user_id, _ in groups]
-    dataset = UserSetsDataset(contexts, targets)
-    models, report = [], {}
-    for name, objective in VARIANTS.items():
+    mlps, report = {}, {}
+    for name, variant in ALIGNER_VARIANTS.items():
+        if variant.reads not in train_rows:
+            continue
+        user_ids, contexts = _user_sets(train_rows, variant.reads)
+        targets = [alignment_targets["targets"][user_id] for user_id in user_ids]
+        dataset = UserSetsDataset(contexts, targets)
         torch.manual_seed(params.train.seed)
         model = AlignmentMlp(
             in_dim=contexts[0].shape[1],
             out_dim=targets[0].shape[1],
             hidden_dim=params.hidden_dim,
+            tokens=params.tokens,
         )
+        model.fit_standardisation(torch.cat(contexts))
         result = train(
             model,
             dataset,
             functools.partial(
-                alignment_loss, objective=objective, bandwidth_factors=params.bandwidth_factors
+                alignment_loss,
+                objective=variant.objective,
+                bandwidth_factors=params.bandwidth_factors,
             ),
             params.train,
             checkpoint_root=params.checkpoint_root,
             name=f"aligner_{name}",
-            fingerprint=f"{objective} users={len(dataset)} hidden={params.hidden_dim} "
-            f"factors={params.bandwidth_factors} first={contexts[0][0, :4].tolist()}",
+            fingerprint=f"{variant} users={len(dataset)} hidden={params.hidden_dim} "
+            f"tokens={params.tokens} factors={params.bandwidth_factors} "
+            f"first={contexts[0][0, :4].tolist()}",
             collate_fn=UserSetsDataset.collate,
         )
-        models.append(model.eval())
+        mlps[name] = model.eval()
         report[name] = {
-            "objective": objective,
+            "objective": variant.objective,
+            "reads": variant.reads,
             "steps": result.steps,
             "wall_seconds": round(result.wall_seconds, 1),
             "learning_curve": [
                 {"step": entry["step"], "loss": round(entry["loss"], 5)} for entry in result.history
             ],
         }
-    return models[0], models[1], report
+    return Aligners.of(mlps), report
+
+
+def _user_sets(rows: pd.DataFrame, column: str) -> tuple[list[str], list[torch.Tensor]]:
+    """The users of ``rows`` (sorted) and, for each, its contexts' ``column`` (S, dim)."""
+    groups = rows.groupby("user_id", sort=True)[column]
+    return [user_id for user_id, _ in groups], [
+        torch.from_numpy(np.stack(vectors.to_list())).float() for _, vectors in groups
+    ]
 
 
 def evaluate_alignment(
-    aligner: AlignmentMlp,
-    aligner_no_mmd: AlignmentMlp,
+    aligners: Aligners,
     context_embeddings: pd.DataFrame,
     user_embeddings: pd.DataFrame,
     alignment_targets: dict,
@@ -134,44 +151,58 @@ def evaluate_alignment(
     params: AlignmentParams,
 ) -> tuple[dict, pd.DataFrame]:
     """``alignment_metrics`` on validation users (MMD² to the targets, retrieval, diversity
-    next to the targets' own) and the user embeddings with ``e_sem_hat`` of both MLPs."""
+    next to the targets' own) and the user embeddings with every aligner's part of their
+    canonical context (``e_sem_hat``, ``e_sem_hat_no_mmd``, ...)."""
     validation = context_embeddings[context_embeddings["split"] == "val"]
-    groups = validation.groupby("user_id", sort=True)["e_sem"]
-    val_users = [user_id for user_id, _ in groups]
-    val_contexts = [torch.from_numpy(np.stack(vectors.to_list())) for _, vectors in groups]
+    canonical = (
+        context_embeddings[context_embeddings["context"] == 0]
+        .set_index("user_id")
+        .loc[user_embeddings["user_id"]]
+    )
+    is_val = canonical["split"].eq("val").to_numpy()
+    val_users = list(canonical.index[is_val])
     targets = [alignment_targets["targets"][user_id] for user_id in val_users]
-    canonical = user_embeddings.set_index("user_id")
-    e_sem = torch.from_numpy(np.stack(canonical["e_sem"].to_list())).float()
-    is_val = torch.from_numpy(canonical["split"].eq("val").to_numpy())
-    pooled_targets = torch.cat(targets)
     metrics: dict = {
         "validation_users": len(val_users),
-        "targets": {"diversity": mean_pairwise_cosine_distance(pooled_targets)},
+        "targets": {
+            "diversity": mean_pairwise_cosine_distance(torch.cat(targets)),
+            "diversity_within_user": _mean_within(targets),
+        },
         "training": training_report,
     }
-    mapped_users = {}
-    for name, model in (("prefgen", aligner), ("prefgen_no_mmd", aligner_no_mmd)):
+    aligned = user_embeddings.copy()
+    for name, mlp in aligners.mlps.items():
+        variant = ALIGNER_VARIANTS[name]
+        user_ids, val_contexts = _user_sets(validation, variant.reads)
         with torch.inference_mode():
-            mapped_contexts = [model(c.float()) for c in val_contexts]
-            mapped_users[name] = model(e_sem)
-        val_mapped = mapped_users[name][is_val]
+            mapped_contexts = [mlp.token_sets(contexts) for contexts in val_contexts]
+            mapped_users = mlp.token_sets(
+                torch.from_numpy(np.stack(canonical[variant.reads].to_list())).float()
+            )
+        val_mapped = mapped_users[torch.from_numpy(is_val)]
         metrics[name] = {
-            "mmd2_to_targets": set_mmd2(mapped_contexts, targets, params.bandwidth_factors),
+            "mmd2_to_targets": set_mmd2(
+                mapped_contexts,
+                [alignment_targets["targets"][user_id] for user_id in user_ids],
+                params.bandwidth_factors,
+            ),
             "retrieval": attribute_retrieval(
                 val_mapped,
                 alignment_targets["vocabulary"],
-                [alignment_targets["phrase_ids"][u] for u in canonical.index[is_val.numpy()]],
+                [alignment_targets["phrase_ids"][user_id] for user_id in val_users],
                 k=params.retrieval_k,
             ),
-            # across users (one canonical e_sem_hat each) and across all mapped contexts
-            "diversity_across_users": mean_pairwise_cosine_distance(val_mapped),
-            "diversity_across_contexts": mean_pairwise_cosine_distance(torch.cat(mapped_contexts)),
+            # every validation user's canonical tokens together, and each user's apart
+            "diversity_across_users": mean_pairwise_cosine_distance(val_mapped.flatten(0, 1)),
+            "diversity_within_user": _mean_within(list(val_mapped)),
         }
-    metrics["targets"]["diversity_across_user_means"] = mean_pairwise_cosine_distance(
-        torch.stack([t.mean(dim=0) for t in targets])
-    )
-    aligned = user_embeddings.assign(
-        e_sem_hat=list(mapped_users["prefgen"].numpy()),
-        e_sem_hat_no_mmd=list(mapped_users["prefgen_no_mmd"].numpy()),
-    )
+        aligned[variant.writes] = list(mapped_users.flatten(1).numpy())
     return metrics, aligned
+
+
+def _mean_within(sets: list[torch.Tensor]) -> float:
+    """The mean over sets (of at least two rows) of their ``mean_pairwise_cosine_distance``."""
+    values = [mean_pairwise_cosine_distance(rows) for rows in sets if len(rows) >= 2]
+    if not values:
+        raise ValueError("diversity within a set needs a set of at least two rows")
+    return sum(values) / len(values)

@@ -17,14 +17,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 train_aligners,
                 ["context_embeddings", "alignment_targets", "params:alignment"],
-                ["aligner", "aligner_no_mmd", "alignment_training_report"],
+                ["aligners", "alignment_training_report"],
                 name="train_aligners",
             ),
             Node(
                 evaluate_alignment,
                 [
-                    "aligner",
-                    "aligner_no_mmd",
+                    "aligners",
                     "context_embeddings",
                     "user_embeddings",
                     "alignment_targets",

@@ -24,7 +24,11 @@ from PIL import Image
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from prefgen_kedro.models.alignment import AlignmentMlp, attribute_phrase_embeddings
+from prefgen_kedro.models.alignment import (
+    ALIGNER_VARIANTS,
+    Aligners,
+    attribute_phrase_embeddings,
+)
 from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.clip import EvaluationClip, conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
@@ -64,7 +68,15 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 # (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
 # only, never a method.
 TRUE_SEM = "true_sem"
-PARTS = ("e_sem_hat", "e_sem_hat_no_mmd", "e_core", "e_img", "mean_clip", TRUE_SEM)
+PARTS = (
+    "e_sem_hat",
+    "e_sem_hat_no_mmd",
+    "oracle_state_hat",
+    "e_core",
+    "e_img",
+    "mean_clip",
+    TRUE_SEM,
+)
 
 
 class UserSamplingParams(StrictParams):
@@ -76,6 +88,7 @@ class UserSamplingParams(StrictParams):
 
 
 class ValidationParams(StrictParams):
+    users: int | None = Field(default=None, ge=1)  # the first this many (by id); null: all
     prompts_per_user: int = Field(ge=1)
     grid_users: int = Field(ge=1)
     seed: int
@@ -113,8 +126,7 @@ class DiffusionParams(StrictParams):
 def make_user_conditions(
     probe_contexts: pd.DataFrame,
     context_embeddings: pd.DataFrame,
-    aligner: AlignmentMlp,
-    aligner_no_mmd: AlignmentMlp,
+    aligners: Aligners,
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
     raw_images: Mapping[str, Callable],
@@ -122,7 +134,9 @@ def make_user_conditions(
     params: DiffusionParams,
 ) -> pd.DataFrame:
     """Every part of every user's condition, for each of its contexts (context 0 is the
-    canonical one the evaluation uses); in the agent world also ``true_sem``."""
+    canonical one the evaluation uses): each aligner's part (``e_sem_hat``, ...), ``e_img``
+    and ``mean_clip``, next to the contexts' ``e_sem`` and ``e_core``; in the agent world
+    also ``true_sem``."""
     wanted = {part for parts in params.active_variants.values() for part in parts}
     unknown = wanted - set(PARTS)
     if unknown:
@@ -133,20 +147,25 @@ def make_user_conditions(
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
     merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
     pictures = context_pictures(merged, raw_images)
-    e_sem = torch.from_numpy(np.stack(merged["e_sem"].to_list())).float()
-    with torch.inference_mode():
-        e_sem_hat, e_sem_hat_no_mmd = aligner.eval()(e_sem), aligner_no_mmd.eval()(e_sem)
     liked_embeddings = [
         encode_images(np.stack([pictures[i] for i in ids])) for ids in merged["liked"]
     ]
-    conditions = merged.drop(columns=["e_sem"]).assign(
-        e_sem_hat=list(e_sem_hat.numpy()),
-        e_sem_hat_no_mmd=list(e_sem_hat_no_mmd.numpy()),
+    conditions = merged.assign(
         e_img=[choose_image_embedding(e, params.e_img).numpy() for e in liked_embeddings],
         mean_clip=[
             torch.nn.functional.normalize(e.mean(0), dim=0).numpy() for e in liked_embeddings
         ],
     )
+    for name, mlp in aligners.mlps.items():
+        variant = ALIGNER_VARIANTS[name]
+        with torch.inference_mode():
+            mapped = mlp(torch.from_numpy(np.stack(merged[variant.reads].to_list())).float())
+        conditions[variant.writes] = list(mapped.numpy())
+    missing = wanted - set(conditions) - {TRUE_SEM}
+    if missing:
+        raise ValueError(
+            f"diffusion.variants read parts {sorted(missing)} that no trained aligner wrote"
+        )
     if agent_world:
         conditions[TRUE_SEM] = _liked_phrase_states(users, conditioning_clip, clip_tokenizer)[
             conditions["user_id"]
@@ -269,9 +288,12 @@ def evaluate_user_branches(
     score and CLIP-I for real ones (whose taste no oracle knows); sampling images/s; and a
     grid of a few users. (The benchmark on test users is the ``evaluation`` pipeline.)"""
     agent_world = tastes_are_known(users)
-    validation = user_conditions[
-        (user_conditions["split"] == "val") & (user_conditions["context"] == 0)
-    ].set_index("user_id")
+    validation = (
+        user_conditions[(user_conditions["split"] == "val") & (user_conditions["context"] == 0)]
+        .set_index("user_id")
+        .sort_index()
+        .head(params.validation.users)
+    )
     cases = draw_prompts(
         validation,
         interactions,

@@ -13,8 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 [
                     "probe_contexts",
                     "context_embeddings",
-                    "aligner",
-                    "aligner_no_mmd",
+                    "aligners",
                     "conditioning_clip",
                     "clip_tokenizer",
                     "raw_images",

@@ -38,7 +38,7 @@ from prefgen_kedro.models.user_generation import (
     preference_scores,
     sample_methods,
 )
-from prefgen_kedro.models.vqa import counting_rule_score
+from prefgen_kedro.models.vqa import context_summary
 from prefgen_kedro.pipelines.diffusion.nodes import DiffusionParams, preference_reader
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import (
@@ -52,6 +52,20 @@ from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 REAL = "real"
+# The taste-audit source behind each row: what the method is conditioned on (for ``real``,
+# the context itself, read by the counting rule: the most any condition can carry).
+CONDITIONED_ON = {
+    REAL: "counting_rule",
+    "oracle_taste": "true_sem",
+    "oracle_state": "oracle_state_hat",
+    "prefgen": "e_sem_hat",
+    "prefgen_no_mmd": "e_sem_hat_no_mmd",
+    "ip_adapter": "e_img",
+    "mean_clip": "mean_clip",
+}
+# The signal ladder: from the user's own liked images down to PrefGen, each rung with the
+# taste AUC of its condition and its like-rate, so a reader sees where the taste is lost.
+SIGNAL_LADDER = (REAL, "oracle_taste", "oracle_state", "prefgen")
 
 
 class BootstrapParams(StrictParams):
@@ -63,6 +77,7 @@ class BootstrapParams(StrictParams):
 
 class EvaluationParams(StrictParams):
     split: str
+    users: int | None = Field(default=None, ge=1)  # the first this many (by id); null: all
     prompts_per_user: int = Field(ge=1)
     seed: int
     methods: list[str]
@@ -88,9 +103,14 @@ def make_evaluation_cases(
     the prompt and seed every method samples, and a held-out liked image of the user for
     the ``real`` row (``draw_prompts``: subject-only prompts for simulated users, held-out
     liked images' captions for real ones)."""
-    canonical = user_conditions[
-        (user_conditions["split"] == params.split) & (user_conditions["context"] == 0)
-    ].set_index("user_id")
+    canonical = (
+        user_conditions[
+            (user_conditions["split"] == params.split) & (user_conditions["context"] == 0)
+        ]
+        .set_index("user_id")
+        .sort_index()
+        .head(params.users)
+    )
     if canonical.empty:
         raise ValueError(f"user_conditions has no canonical context of a {params.split!r} user")
     cases = draw_prompts(
@@ -282,11 +302,16 @@ def fidelity_metrics(
 
 
 def summarize_metrics(
-    generation_scores: pd.DataFrame, fidelity: pd.DataFrame, params: EvaluationParams
+    generation_scores: pd.DataFrame,
+    fidelity: pd.DataFrame,
+    taste_signal_audit: dict,
+    params: EvaluationParams,
 ) -> pd.DataFrame:
     """``metrics``: one row per method × metric (mean, ci_low, ci_high, n over users),
     including the per-user win-rate of ``reference_method`` over each other method (oracle
-    utility in the agent world, judge P(yes) otherwise) and judge–oracle agreement."""
+    utility in the agent world, judge P(yes) otherwise), judge–oracle agreement and, where
+    the audit measured it, the taste AUC of what each method is conditioned on
+    (``CONDITIONED_ON``; no interval: one probe over all users)."""
     scores = generation_scores.copy()
     per_image = ["clip_score", "clip_i", "judge_p_yes"]
     if "utility" in scores:
@@ -322,6 +347,19 @@ def summarize_metrics(
                     "method": method,
                     "metric": f"win_rate_of_{ours}",
                     **_ci(list(wins.values()), params),
+                }
+            )
+    for method, part in CONDITIONED_ON.items():
+        if method in set(scores["method"]) and part in taste_signal_audit.get("auc", {}):
+            auc = taste_signal_audit["auc"][part]
+            rows.append(
+                {
+                    "method": method,
+                    "metric": "taste_auc",
+                    "mean": auc,
+                    "ci_low": np.nan,
+                    "ci_high": np.nan,
+                    "n": taste_signal_audit["users"],
                 }
             )
     return pd.concat([pd.DataFrame(rows), fidelity], ignore_index=True)
@@ -427,8 +465,9 @@ def write_benchmark_report(
         f"published FIDs. `real` is {real_row}, not a method."
         + (
             " `oracle_taste` is the user branch fed a perfect ê_sem (the text-space states of "
-            "the simulated user's liked-attribute phrases): what the branch makes of perfect "
-            "information, not a method either."
+            "the simulated user's liked-attribute phrases) and `oracle_state` a perfect summary "
+            "of the context through PrefGen's aligner: what the branch makes of perfect "
+            "information, not methods either."
             if "oracle_taste" in present
             else ""
         )
@@ -439,6 +478,29 @@ def write_benchmark_report(
     report.heading("Fidelity and prompt adherence")
     report.table(*metric_table(metrics, methods, fidelity_columns, contenders))
     report.paragraph(_verdict(metrics, ours))
+    ladder = [m for m in SIGNAL_LADDER if m in present]
+    if "taste_auc" in measured and len(ladder) > 1:
+        report.heading("Signal ladder")
+        report.paragraph(
+            "Where a user's taste is lost, from the user's own liked images down to PrefGen. "
+            "Taste AUC: how well a linear probe reads the user's liked attributes from what the "
+            'row is conditioned on (see "Where the signal comes from"; for `real`, the '
+            "context itself by the counting rule). `oracle_taste` is the branch fed a perfect "
+            "ê_sem; `oracle_state` is a perfect summary of the context (its attribute counts, "
+            "liked minus disliked) through PrefGen's MMD aligner and branch recipe. Reference "
+            "rows are never ranked."
+        )
+        report.table(
+            *metric_table(
+                metrics,
+                ladder,
+                {
+                    "taste_auc": ("taste AUC of the condition", True, 1),
+                    "like_rate": ("oracle like-rate %", True, 100),
+                },
+                [],
+            )
+        )
     win = f"win_rate_of_{ours}"
     if win in set(metrics["metric"]):
         report.heading(f"Per-user win-rate of `{ours}`")
@@ -568,11 +630,11 @@ def _alignment_figure(alignment_metrics: dict) -> Figure:
     labels = ["targets", "MMD (prefgen)", "MSE (no_mmd)"]
     diversity.bar(
         labels,
-        [alignment_metrics["targets"]["diversity_across_user_means"]]
+        [alignment_metrics["targets"]["diversity"]]
         + [alignment_metrics[n]["diversity_across_users"] for n in names],
         color=["grey", "tab:blue", "tab:orange"],
     )
-    diversity.set_title("diversity across users (cosine distance)", fontsize=9)
+    diversity.set_title("diversity of the tokens (cosine distance)", fontsize=9)
     recall.bar(
         labels[1:],
         [100 * alignment_metrics[n]["retrieval"]["recall_at_5"] for n in names],
@@ -596,6 +658,20 @@ def _user_grid(user_id, generations, generated_images, evaluation_cases, raw_ima
     return labelled_rows(rows)
 
 
+# What the taste audit probes, where a run has it: CLIP image embeddings, the MLLM's states,
+# every aligner's part, and the perfect ê_sem.
+AUDITED_PARTS = (
+    "mean_clip",
+    "e_img",
+    "e_core",
+    "e_sem",
+    "e_sem_hat",
+    "e_sem_hat_no_mmd",
+    "oracle_state_hat",
+    "true_sem",
+)
+
+
 def audit_taste_signal(
     user_conditions: pd.DataFrame,
     users: pd.DataFrame,
@@ -612,7 +688,7 @@ def audit_taste_signal(
         return {}
     columns = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
     liked = users.set_index("user_id")["liked_attributes"]
-    image_attributes = images.set_index("image_id")["attributes"].map(set)
+    shown = images.set_index("image_id")["attributes"]
 
     def taste(rows: pd.DataFrame) -> torch.Tensor:
         targets = torch.zeros(len(rows), len(columns))
@@ -620,31 +696,21 @@ def audit_taste_signal(
             targets[r, [columns[a] for a in liked[user_id]]] = 1.0
         return targets
 
-    def counting_rule(rows: pd.DataFrame) -> torch.Tensor:
-        return torch.tensor(
-            [
-                [
-                    counting_rule_score(
-                        [image_attributes[i] for i in liked_ids],
-                        [image_attributes[i] for i in disliked_ids],
-                        [attribute_id],
-                    )
-                    for attribute_id in columns
-                ]
-                for liked_ids, disliked_ids in zip(rows["liked"], rows["disliked"], strict=True)
-            ],
-            dtype=torch.float32,
-        )
-
     train = user_conditions[user_conditions["split"] == "train"]
     test = user_conditions[user_conditions["split"] == params.split]
+    counting_rule = np.stack(
+        [
+            context_summary(shown[list(liked_ids)], shown[list(disliked_ids)])
+            for liked_ids, disliked_ids in zip(test["liked"], test["disliked"], strict=True)
+        ]
+    )
     audit = {
         "split": params.split,
         "users": int(test["user_id"].nunique()),
         "contexts": len(test),
-        "auc": {"counting_rule": mean_auc(counting_rule(test), taste(test))},
+        "auc": {"counting_rule": mean_auc(torch.from_numpy(counting_rule), taste(test))},
     }
-    for part in ("mean_clip", "e_img", "e_core", "e_sem_hat", "e_sem_hat_no_mmd"):
+    for part in (part for part in AUDITED_PARTS if part in user_conditions):
         probe = fit_linear_probe(
             torch.from_numpy(np.stack(train[part].to_list())).float(),
             taste(train),

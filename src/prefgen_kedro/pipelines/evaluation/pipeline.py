@@ -75,7 +75,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 summarize_metrics,
-                ["generation_scores", "fidelity", "params:evaluation"],
+                ["generation_scores", "fidelity", "taste_signal_audit", "params:evaluation"],
                 "metrics",
                 name="summarize_metrics",
             ),

@@ -54,7 +54,7 @@ from prefgen_kedro.models.oracle import (
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.training import TrainConfig, TrainResult, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
-from prefgen_kedro.world.vocabulary import HEADS, world_hash
+from prefgen_kedro.world.vocabulary import HEADS, subject_prompt, world_hash
 
 
 class RenderSetParams(StrictParams):
@@ -142,6 +142,9 @@ class BaseDiffusionParams(StrictParams):
     architecture: UnetArchitecture
     noise_schedule: NoiseScheduleParams
     caption_dropout: float = Field(ge=0.0, le=1.0)
+    # Each category left out of a render's caption with this probability (fixed per render),
+    # so the model also knows prompts that name few categories, or only the subject.
+    category_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
     snr_gamma: float | None
     train: TrainConfig
     sampling: SamplingParams
@@ -323,7 +326,10 @@ def train_base_diffusion(
     )
     noise_scheduler = build_noise_scheduler(**params.noise_schedule.model_dump())
     dataset, empty = diffusion_training_data(
-        renders.images, renders.captions, text_encoder, clip_tokenizer
+        renders.images,
+        renders.partial_captions(params.category_dropout, seed=params.train.seed),
+        text_encoder,
+        clip_tokenizer,
     )
     shown = heldout.first(params.grid_captions)
     sampling = params.sampling.model_dump(exclude={"batch_size"})
@@ -337,7 +343,8 @@ def train_base_diffusion(
         fingerprint=_fingerprint(renders, arch)
         + f" text={conditioning_clip.config.text_config.to_json_string()}"
         + f" loss={params.noise_schedule.model_dump_json()} {params.caption_dropout}"
-        + f" {params.snr_gamma}",
+        + f" {params.snr_gamma}"
+        + (f" category_dropout={params.category_dropout}" if params.category_dropout else ""),
         on_log=grid_writer(
             unet,
             noise_scheduler,
@@ -361,12 +368,24 @@ def train_base_diffusion(
         batch_size=params.sampling.batch_size,
         **sampling,
     )
+    # What a user asks a generator for: the subject alone.
+    subject_only = sample(
+        unet,
+        noise_scheduler,
+        encode_prompts(text_encoder, clip_tokenizer, [subject_prompt(s) for s in asked.subjects]),
+        empty,
+        seeds=list(range(len(asked.captions))),
+        batch_size=params.sampling.batch_size,
+        **sampling,
+    )
+    to_chw = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2)  # noqa: E731
     metrics = {
         "prompt_adherence": prompt_adherence(oracle, samples, asked),
-        "vs_heldout_renders": compute_fid_kid(
-            torch.from_numpy(samples).permute(0, 3, 1, 2),
-            torch.from_numpy(asked.images).permute(0, 3, 1, 2),
-        ),
+        "vs_heldout_renders": compute_fid_kid(to_chw(samples), to_chw(asked.images)),
+        "subject_only_prompts": {
+            "subject_accuracy": prompt_adherence(oracle, subject_only, asked)["subject"],
+            "vs_heldout_renders": compute_fid_kid(to_chw(subject_only), to_chw(asked.images)),
+        },
         "sampling": params.sampling.model_dump(),
     }
     grid = sample_grid(samples[: params.grid_captions], asked.images, asked.captions)
@@ -457,6 +476,13 @@ def replace_mllm_manifest_entry(
     """The shipped manifest with only the MLLM's entry remade: the other models were not
     retrained, so their entries stay as they are."""
     return {**manifest, "mllm": _manifest_entry(mllm, mllm_report, model_dirs["mllm"])}
+
+
+def replace_base_unet_manifest_entry(
+    manifest: dict, base_unet: UNet2DConditionModel, report: dict, model_dirs: dict[str, str]
+) -> dict:
+    """The shipped manifest with only the base UNet's entry remade (the others kept)."""
+    return {**manifest, "base_unet": _manifest_entry(base_unet, report, model_dirs["base_unet"])}
 
 
 def _manifest_entry(model: torch.nn.Module, report: dict, directory: str) -> dict:

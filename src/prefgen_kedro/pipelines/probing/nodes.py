@@ -30,11 +30,13 @@ from prefgen_kedro.models.user_adapter import choose_image_embedding
 from prefgen_kedro.models.vqa import (
     QUESTION,
     TASTE_QUESTION,
+    context_summary,
     sample_contexts,
     sample_vqa_examples,
 )
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures
+from prefgen_kedro.world.agent_world import tastes_are_known
 
 
 class ProbeFitParams(StrictParams):
@@ -191,19 +193,31 @@ def build_user_embeddings(
     hidden_states: dict,
     layer_selection: dict,
     probe_contexts: pd.DataFrame,
+    images: pd.DataFrame,
+    users: pd.DataFrame,
     conditioning_clip: CLIPModel,
     clip_tokenizer,
     raw_images: Mapping[str, Callable],
     params: ProbingParams,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``context_embeddings`` (``e_sem``/``e_core`` of every context of every user) and
-    ``user_embeddings`` (DESIGN.md §4: from each user's canonical context, with ``e_img``)."""
+    """``context_embeddings`` (``e_sem``/``e_core`` of every context of every user; in the
+    agent world also ``context_summary``, the perfect summary the signal ladder's
+    ``oracle_state`` aligns) and ``user_embeddings`` (DESIGN.md §4: from each user's
+    canonical context, with ``e_img``)."""
     states = hidden_states["contexts"]
     e_sem = states[:, layer_selection["e_sem"]].mean(dim=1)
     e_core = states[:, layer_selection["e_core"]].mean(dim=1)
     per_context = probe_contexts[["user_id", "split", "context"]].assign(
         e_sem=list(e_sem.numpy()), e_core=list(e_core.numpy())
     )
+    if tastes_are_known(users):
+        shown = images.set_index("image_id")["attributes"]
+        per_context["context_summary"] = [
+            context_summary(shown[list(liked)], shown[list(disliked)])
+            for liked, disliked in zip(
+                probe_contexts["liked"], probe_contexts["disliked"], strict=True
+            )
+        ]
     canonical = probe_contexts["context"] == 0
     users = probe_contexts[canonical].reset_index(drop=True)
     pictures = load_pictures(raw_images)

@@ -41,6 +41,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "hidden_states",
                     "layer_selection",
                     "probe_contexts",
+                    "images",
+                    "users",
                     "conditioning_clip",
                     "clip_tokenizer",
                     "raw_images",
