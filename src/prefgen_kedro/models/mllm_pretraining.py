@@ -28,7 +28,6 @@ Public API: ``CaptionTask``, ``SimulatedUserVqa``, ``Question``, ``DESCRIBE``,
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +68,8 @@ from prefgen_kedro.models.vqa import (
     taste_text,
     vqa_corpus,
 )
-from prefgen_kedro.training import TrainConfig, train
+from prefgen_kedro.provenance import run_key
+from prefgen_kedro.training import TrainConfig, shaping_settings, train
 from prefgen_kedro.world.agent_world import RenderSet
 from prefgen_kedro.world.users import SimulatedUser, make_user
 from prefgen_kedro.world.vocabulary import (
@@ -405,14 +405,14 @@ def pretrain(
     params: MllmPretrainParams,
     *,
     checkpoint_root: str,
-    fingerprint: str,
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
     """A BPE tokenizer trained on the captions and prompts, a LLaVA on ``vision_from``'s
     (frozen) vision tower, trained through ``params.stages`` in order on ``renders`` and
     fresh simulated users. After each stage its preference accuracy on ``heldout`` renders
     is measured (the learning curve); the returned model is rounded to fp16 and back, so
-    the final figures are those of the checkpoint that ships in fp16. ``fingerprint`` (what
-    the run depends on besides ``params``) keys the trainer's resumable checkpoints."""
+    the final figures are those of the checkpoint that ships in fp16. Each stage's resumable
+    checkpoints are keyed by the parameters, every render and caption, all of
+    ``vision_from``'s weights and the stages before it (``provenance.run_key``)."""
     started = time.perf_counter()
     arch = params.architecture
     tokenizer = train_tokenizer(
@@ -434,7 +434,13 @@ def pretrain(
         else None,
         **arch.model_dump(exclude={"vocab_size", "assistant_role", "attribute_token"}),
     )
-    lineage = f"{fingerprint} slots={params.slot_positions}"
+    # Each stage continues the ones before it: its key chains theirs.
+    key = run_key(
+        params.model_dump(exclude={"stages", "eval"}),
+        renders=renders,
+        captions=renders.captions,
+        vision_from=vision_from,
+    )
     readout = None
     if arch.attribute_token:
         fit_attribute_readout(
@@ -444,7 +450,6 @@ def pretrain(
             seed=params.stages[0].train.seed,
         )
         readout = attribute_readout_accuracy(model, heldout)
-        lineage += f" readout={params.attribute_readout.model_dump_json()}"
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
     frozen = {id(p) for p in frozen_parameters(model)}
     trainable = [p for p in model.parameters() if id(p) not in frozen]
@@ -452,7 +457,10 @@ def pretrain(
     stages = []
     for stage in params.stages:
         dataset = _stage_dataset(stage, renders, processor, params)
-        lineage += f" {stage.model_dump_json()}"
+        key = run_key(
+            {"stage": stage.model_dump(exclude={"train"}), "train": shaping_settings(stage.train)},
+            previous=key,
+        )
         result = train(
             model,
             dataset,
@@ -460,8 +468,7 @@ def pretrain(
             stage.train,
             checkpoint_root=checkpoint_root,
             name=f"mllm_{stage.name}",
-            # Each stage continues the previous ones: its checkpoints depend on all of them.
-            fingerprint=hashlib.sha256(lineage.encode()).hexdigest(),
+            key=key,
             collate_fn=dataset.collate,
             trainable_parameters=trainable,
         )
@@ -470,7 +477,7 @@ def pretrain(
                 "stage": stage.name,
                 "samples": result.steps * stage.train.batch_size,
                 "wall_seconds": round(result.wall_seconds, 1),
-                "resumed_from_step": result.resumed_from,
+                "run": result.record(),
                 "learning_curve": [
                     {key: round(value, 4) for key, value in entry.items()}
                     for entry in result.history
@@ -483,7 +490,7 @@ def pretrain(
         "seed": params.stages[0].train.seed,
         "steps": sum(stage.train.max_steps for stage in params.stages),
         "wall_seconds": time.perf_counter() - started,
-        "resumed_from_step": None,
+        "run": stages[-1]["run"],  # the stage whose weights ship
         "metrics": {"heldout_simulated_users": evaluate(model)},
         "learning_curve": stages,
     }

@@ -29,6 +29,7 @@ from prefgen_kedro.models.alignment import (
     text_embeddings,
 )
 from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
@@ -88,8 +89,9 @@ def train_aligners(
     """The ``prefgen`` (MMD) and ``prefgen_no_mmd`` (MSE) MLPs, trained on training users."""
     train_rows = context_embeddings[context_embeddings["split"] == "train"]
     groups = train_rows.groupby("user_id", sort=True)["e_sem"]
+    users = [user_id for user_id, _ in groups]
     contexts = [torch.from_numpy(np.stack(vectors.to_list())) for _, vectors in groups]
-    targets = [alignment_targets["targets"][user_id] for user_id, _ in groups]
+    targets = [alignment_targets["targets"][user_id] for user_id in users]
     dataset = UserSetsDataset(contexts, targets)
     models, report = [], {}
     for name, objective in VARIANTS.items():
@@ -108,14 +110,24 @@ def train_aligners(
             params.train,
             checkpoint_root=params.checkpoint_root,
             name=f"aligner_{name}",
-            fingerprint=f"{objective} users={len(dataset)} hidden={params.hidden_dim} "
-            f"factors={params.bandwidth_factors} first={contexts[0][0, :4].tolist()}",
+            # Every e_sem of every training context and every target: a new MLLM, other
+            # probing contexts or other phrases all train afresh.
+            key=run_key(
+                {
+                    "objective": objective,
+                    **params.model_dump(include={"hidden_dim", "bandwidth_factors"}),
+                },
+                users=users,
+                contexts=contexts,
+                targets=targets,
+            ),
             collate_fn=UserSetsDataset.collate,
         )
         models.append(model.eval())
         report[name] = {
             "objective": objective,
             "steps": result.steps,
+            "run": result.record(),
             "wall_seconds": round(result.wall_seconds, 1),
             "learning_curve": [
                 {"step": entry["step"], "loss": round(entry["loss"], 5)} for entry in result.history
