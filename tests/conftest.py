@@ -27,6 +27,8 @@ from prefgen_kedro.data.tables import IMAGES_COLUMNS, INTERACTIONS_COLUMNS, USER
 from prefgen_kedro.models.clip import build_conditioning_clip
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where ``smoke`` writes everything, below a project (conf/smoke/globals.yml).
+SMOKE_DATA = Path("data") / "smoke"
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +46,12 @@ def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if foundation.exists():
         shutil.copytree(foundation, root / "data" / "06_models" / "foundation")
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_project: Path) -> Path:
+    """Where ``smoke`` runs of the project copy write (its ``data_root``)."""
+    return smoke_project / SMOKE_DATA
 
 
 def _run_pipelines(project: Path, pipeline_names: list[str], runtime_params: dict | None) -> dict:
@@ -69,8 +77,7 @@ def run_smoke(smoke_project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[
 def smoke_foundation(smoke_project: Path) -> Path:
     """The smoke-sized foundation models (made once per test session), which the smoke
     runs of later pipelines start from; returns their folder."""
-    _run_once(smoke_project, ["foundation"])
-    return smoke_project / "data" / "06_models" / "foundation_smoke"
+    return _run_once(smoke_project, ["foundation"]) / "06_models" / "foundation"
 
 
 def _run_once(project: Path, pipeline_names: list[str], runtime_params: dict | None = None) -> Path:
@@ -80,7 +87,7 @@ def _run_once(project: Path, pipeline_names: list[str], runtime_params: dict | N
         _run_pipelines(project, pipeline_names, runtime_params)
     finally:
         os.chdir(here)
-    return project / "data"
+    return project / SMOKE_DATA
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +145,16 @@ def smoke_real_users(
     folder."""
     project = tmp_path_factory.mktemp("real_users")
     # Fresh trainer checkpoints; the shipped foundation is not smoke's.
-    ignored = shutil.ignore_patterns("checkpoints", "foundation")
-    shutil.copytree(smoke_project, project, dirs_exist_ok=True, ignore=ignored)
-    as_real_users(project / "data")
+    shipped = smoke_project / "data" / "06_models" / "foundation"
+    shutil.copytree(
+        smoke_project,
+        project,
+        dirs_exist_ok=True,
+        ignore=lambda folder, names: [
+            name for name in names if name == "checkpoints" or Path(folder, name) == shipped
+        ],
+    )
+    as_real_users(project / SMOKE_DATA)
     return _run_once(project, ["diffusion", "evaluation"], REAL_USER_PARAMS)
 
 
