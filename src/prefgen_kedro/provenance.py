@@ -132,8 +132,8 @@ def require_consistent(lineages: Mapping[str, Mapping[str, str]], inputs_of: str
 
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as indented JSON to a temporary file beside ``path``, then rename."""
-    partial = path.with_name(f".{path.name}.tmp")
+    """Write ``payload`` as indented JSON to ``.tmp-<name>`` beside ``path``, then rename."""
+    partial = path.with_name(f".tmp-{path.name}")
     partial.write_text(json.dumps(payload, indent=2, sort_keys=True))
     partial.replace(path)
 

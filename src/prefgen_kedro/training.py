@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from prefgen_kedro.precision import effective_precision
-from prefgen_kedro.provenance import RunKey
+from prefgen_kedro.provenance import RunKey, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -477,7 +477,7 @@ def _open_run_dir(
                 "num_processes": num_processes,
                 "config": config.model_dump(),
             }
-            _write_json_atomic(record_path, record)
+            write_json_atomic(record_path, record)
     accelerator.wait_for_everyone()
     # Checked on every process so that all of them stop, not only the main one.
     found = json.loads(record_path.read_text()).get("hash")
@@ -523,9 +523,3 @@ def _save_checkpoint(
             shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    partial = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(partial, path)
