@@ -5,7 +5,8 @@ Project: the shipped base UNet, frozen, with the PrefGen variant's ``UserAdapter
 (caption and user dropout, Min-SNR weighting), as ``diffusion.train_user_branches`` does.
 Reference: the same UNet loaded again, every weight trainable (diffusers'
 ``train_text_to_image``), text condition only: noise, ``add_noise``, the v-prediction MSE,
-``backward``, AdamW, on one fixed batch. Same batch size, resolution and bf16 autocast.
+``backward``, AdamW, on one fixed batch. Same batch size, resolution and bf16 autocast (fp32
+on a CPU without native bf16, as the trainer runs there: ``prefgen_kedro.precision``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from transformers import AutoConfig, CLIPModel, CLIPTokenizer
 
 import prefgen_kedro.models.mllm  # noqa: F401 - registers the tiny MLLM's config class
 from benchmarks import FOUNDATION
-from benchmarks.timing import Comparison, main, time_training
+from benchmarks.timing import PRECISION_LABELS, Comparison, main, time_training
 from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.diffusion import DiffusionLoss, encode_prompts, to_diffusion_pixels
 from prefgen_kedro.models.user_adapter import UserAdapter, UserConditionedUnet
+from prefgen_kedro.precision import effective_precision
 from prefgen_kedro.world.agent_world import render_set
 from prefgen_kedro.world.vocabulary import subject_prompt
 
@@ -43,6 +45,7 @@ def run(quick: bool = False) -> Comparison:
     warmup, repeats = (1, 2) if quick else (3, 10)
     batch_size = TRAIN["batch_size"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = effective_precision(TRAIN["mixed_precision"], device)
     unet = UNet2DConditionModel.from_pretrained(FOUNDATION / "base_unet", torch_dtype=torch.float32)
     scheduler = DDPMScheduler.from_pretrained(FOUNDATION / "noise_scheduler")
     clip = CLIPModel.from_pretrained(FOUNDATION / "conditioning_clip", dtype=torch.float32)
@@ -72,7 +75,7 @@ def run(quick: bool = False) -> Comparison:
         dataset,
         loss,
         TRAIN,
-        lambda: _bare_step(bare, scheduler, optimizer, batch),
+        lambda: _bare_step(bare, scheduler, optimizer, batch, autocast=precision == "bf16"),
         warmup=warmup,
         repeats=repeats,
         trainable_parameters=list(adapter.parameters()),
@@ -88,10 +91,11 @@ def run(quick: bool = False) -> Comparison:
         project=project,
         reference=reference,
         details=(
-            f"Batch {batch_size}, {size}×{size} pixels, bf16 autocast on {device.type}, "
-            f"{warmup} warm-up + {repeats} timed steps each, in turn. The branch trains only the "
-            f"adapter ({_count(adapter):,} parameters; the UNet's {_count(bare):,} are frozen "
-            "but back-propagated through); the bare step trains every UNet weight."
+            f"Batch {batch_size}, {size}×{size} pixels, {PRECISION_LABELS[precision]} on "
+            f"{device.type}, {warmup} warm-up + {repeats} timed steps each, in turn. The branch "
+            f"trains only the adapter ({_count(adapter):,} parameters; the UNet's "
+            f"{_count(bare):,} are frozen but back-propagated through); the bare step trains "
+            "every UNet weight."
         ),
     )
 
@@ -134,6 +138,8 @@ def _bare_step(
     scheduler: DDPMScheduler,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
+    *,
+    autocast: bool,
 ) -> float:
     clean = batch["pixel_values"]
     noise = torch.randn_like(clean)
@@ -145,7 +151,7 @@ def _bare_step(
         target = noise
     else:
         target = scheduler.get_velocity(clean, noise, timesteps)
-    with torch.autocast(clean.device.type, dtype=torch.bfloat16):
+    with torch.autocast(clean.device.type, dtype=torch.bfloat16, enabled=autocast):
         prediction = unet(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"]).sample
     loss = F.mse_loss(prediction.float(), target)
     loss.backward()

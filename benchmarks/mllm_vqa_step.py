@@ -5,7 +5,8 @@ stage's): ``VqaDataset`` (each sample encoded by the processor when the loader a
 ``vqa_loss`` through ``prefgen_kedro.training.train``, vision tower frozen. Reference: the same
 model loaded again, the same parameters trainable, ``model(**batch).loss.backward()`` and an
 AdamW step on one batch collated once by ``VqaDataset.collate`` (no processor, loader, NaN
-check, clipping or scheduler per step). Same batch size and bf16 autocast.
+check, clipping or scheduler per step). Same batch size and bf16 autocast (fp32 on a CPU without
+native bf16, as the trainer runs there: ``prefgen_kedro.precision``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from benchmarks import FOUNDATION
-from benchmarks.timing import Comparison, main, time_training
+from benchmarks.timing import PRECISION_LABELS, Comparison, main, time_training
 from prefgen_kedro.models.mllm import VqaDataset, vision_encoder, vqa_loss
 from prefgen_kedro.models.vqa import sample_vqa_examples
+from prefgen_kedro.precision import effective_precision
 from prefgen_kedro.world.agent_world import generate_agent_world
 
 # As conf/base/parameters_vqa_tuning.yml (the last stage) and parameters_data_ingestion.yml.
@@ -47,6 +49,7 @@ def run(quick: bool = False) -> Comparison:
     warmup, repeats = (1, 2) if quick else (2, 8)
     batch_size = TRAIN["batch_size"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = effective_precision(TRAIN["mixed_precision"], device)
     processor = AutoProcessor.from_pretrained(FOUNDATION / "mllm_processor")
     dataset = _vqa_dataset(processor, samples=batch_size * (warmup + repeats))
 
@@ -62,7 +65,7 @@ def run(quick: bool = False) -> Comparison:
     }
 
     def plain_step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = plain(**batch).loss
         loss.backward()
         optimizer.step()
@@ -96,10 +99,11 @@ def run(quick: bool = False) -> Comparison:
         reference=reference,
         details=(
             f"K={K} ({2 * K + 1} images a sample, {tokens} tokens in the reference batch), "
-            f"batch {batch_size}, bf16 autocast on {device.type}, {warmup} warm-up + {repeats} "
-            f"timed steps each, in turn; {sum(p.numel() for p in trainable):,} trainable "
-            "parameters (vision tower frozen). The project's step also encodes its samples "
-            "with the processor; the reference's batch was collated once."
+            f"batch {batch_size}, {PRECISION_LABELS[precision]} on {device.type}, {warmup} "
+            f"warm-up + {repeats} timed steps each, in turn; "
+            f"{sum(p.numel() for p in trainable):,} trainable parameters (vision tower frozen). "
+            "The project's step also encodes its samples with the processor; the reference's "
+            "batch was collated once."
         ),
     )
 

@@ -25,6 +25,9 @@ from torch.utils.data import Dataset
 from prefgen_kedro.report import Report
 from prefgen_kedro.training import LossFn, TrainConfig, train
 
+# How a step ran, by ``precision.effective_precision``'s answer to a bf16 request.
+PRECISION_LABELS = {"bf16": "bf16 autocast", "no": "fp32 (this CPU has no native bf16)"}
+
 
 @dataclass(frozen=True)
 class Timing:

@@ -4,13 +4,18 @@ MLLM family."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from kedro.config import OmegaConfigLoader
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,12 +32,18 @@ from prefgen_kedro.data.tables import IMAGES_COLUMNS, INTERACTIONS_COLUMNS, USER
 from prefgen_kedro.models.clip import build_conditioning_clip
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Where ``smoke`` writes everything, below a project (conf/smoke/globals.yml).
+SMOKE_DATA = Path("data") / "smoke"
+
+
+SHIPPED_FOUNDATION = Path("data") / "06_models" / "foundation"
 
 
 @pytest.fixture(scope="session")
 def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the project's config and shipped models with an empty data folder, so
-    pipeline tests never touch the working tree's data."""
+    """A copy of the project's config and shipped models with a data folder that holds only
+    a stand-in for each of ``base``'s outputs (``base_outputs``), so pipeline tests never
+    touch the working tree's data and can tell whether ``smoke`` wrote over ``base``."""
     root = tmp_path_factory.mktemp("project")
     shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
     shutil.copy(PROJECT_ROOT / ".telemetry", root)
@@ -40,18 +51,58 @@ def smoke_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("local"))
     (root / "conf" / "local").mkdir()
     (root / "data").mkdir()
-    foundation = PROJECT_ROOT / "data" / "06_models" / "foundation"
+    foundation = PROJECT_ROOT / SHIPPED_FOUNDATION
     if foundation.exists():
-        shutil.copytree(foundation, root / "data" / "06_models" / "foundation")
+        shutil.copytree(foundation, root / SHIPPED_FOUNDATION)
+    for path, content in base_outputs(root).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
     return root
 
 
-def _run_pipelines(project: Path, pipeline_names: list[str], runtime_params: dict | None) -> dict:
+@pytest.fixture(scope="session")
+def base_stand_ins(smoke_project: Path) -> dict[Path, bytes]:
+    """What ``smoke_project`` holds in place of ``base``'s outputs (path → bytes)."""
+    return base_outputs(smoke_project)
+
+
+def base_outputs(project: Path) -> dict[Path, bytes]:
+    """A stand-in file (path → bytes) for every file or folder ``base`` writes in its own
+    data root: each dataset of its catalog outside the shipped foundation (but factory
+    patterns), and its trainer checkpoints and provenance records."""
+    config = OmegaConfigLoader(str(project / "conf"), base_env="base", default_run_env="base")
+    data_root = Path(config["globals"]["data_root"])
+    written = {data_root / "06_models" / "checkpoints", data_root / "provenance"}
+    for entry in config["catalog"].values():
+        location = entry.get("filepath") or entry.get("path")
+        if location and not Path(location).is_relative_to(SHIPPED_FOUNDATION):
+            written.add(Path(location))
+    return {
+        # a folder's stand-in is a file inside it
+        project / (path if path.suffix else path / "base.bin"): f"base: {path}".encode()
+        for path in written
+        if path.is_relative_to(data_root) and "{" not in str(path)  # no factory pattern
+    }
+
+
+@pytest.fixture(scope="session")
+def smoke_data(smoke_project: Path) -> Path:
+    """Where ``smoke`` runs of the project copy write (its ``data_root``)."""
+    return smoke_project / SMOKE_DATA
+
+
+def _run_pipelines(
+    project: Path,
+    pipeline_names: list[str] | None,
+    runtime_params: dict | None,
+    node_names: list[str] | None = None,
+    env: str = "smoke",
+) -> dict:
     bootstrap_project(project)
     with KedroSession.create(
-        project_path=project, env="smoke", runtime_params=runtime_params
+        project_path=project, env=env, runtime_params=runtime_params
     ) as session:
-        return session.run(pipeline_names=pipeline_names)
+        return session.run(pipeline_names=pipeline_names, node_names=node_names)
 
 
 @pytest.fixture
@@ -65,12 +116,30 @@ def run_smoke(smoke_project: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[
     return run
 
 
+@pytest.fixture
+def run_in(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """Run named pipelines (or nodes of the default one) of a project copy, on ``smoke``
+    unless ``env`` says otherwise; returns the copy's smoke data folder."""
+
+    def run(
+        project: Path,
+        *pipeline_names: str,
+        runtime_params: dict | None = None,
+        node_names: list[str] | None = None,
+        env: str = "smoke",
+    ) -> Path:
+        monkeypatch.chdir(project)
+        _run_pipelines(project, list(pipeline_names) or None, runtime_params, node_names, env)
+        return project / SMOKE_DATA
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def smoke_foundation(smoke_project: Path) -> Path:
     """The smoke-sized foundation models (made once per test session), which the smoke
     runs of later pipelines start from; returns their folder."""
-    _run_once(smoke_project, ["foundation"])
-    return smoke_project / "data" / "06_models" / "foundation_smoke"
+    return _run_once(smoke_project, ["foundation"]) / "06_models" / "foundation"
 
 
 def _run_once(project: Path, pipeline_names: list[str], runtime_params: dict | None = None) -> Path:
@@ -80,7 +149,7 @@ def _run_once(project: Path, pipeline_names: list[str], runtime_params: dict | N
         _run_pipelines(project, pipeline_names, runtime_params)
     finally:
         os.chdir(here)
-    return project / "data"
+    return project / SMOKE_DATA
 
 
 @pytest.fixture(scope="session")
@@ -138,10 +207,75 @@ def smoke_real_users(
     folder."""
     project = tmp_path_factory.mktemp("real_users")
     # Fresh trainer checkpoints; the shipped foundation is not smoke's.
-    ignored = shutil.ignore_patterns("checkpoints", "foundation")
-    shutil.copytree(smoke_project, project, dirs_exist_ok=True, ignore=ignored)
-    as_real_users(project / "data")
+    shipped = smoke_project / "data" / "06_models" / "foundation"
+    shutil.copytree(
+        smoke_project,
+        project,
+        dirs_exist_ok=True,
+        ignore=lambda folder, names: [
+            name for name in names if name == "checkpoints" or Path(folder, name) == shipped
+        ],
+    )
+    as_real_users(project / SMOKE_DATA)
+    # Tables rewritten by hand come from nowhere the provenance records know: without the
+    # records, each is its own origin (with them, the runs would refuse the mixed versions).
+    shutil.rmtree(project / SMOKE_DATA / "provenance")
     return _run_once(project, ["diffusion", "evaluation"], REAL_USER_PARAMS)
+
+
+@pytest.fixture
+def smoke_copy(smoke_project: Path, tmp_path: Path) -> Callable[..., Path]:
+    """Copies the session's smoke project as it is now (without the shipped foundation,
+    which smoke never reads), leaving out the trainer checkpoint folders whose names match
+    ``fresh`` (globs), so those trainings start afresh in the copy; returns the copy."""
+
+    def copy(*fresh: str) -> Path:
+        project = tmp_path / "project"
+        shipped = smoke_project / SHIPPED_FOUNDATION
+        shutil.copytree(
+            smoke_project,
+            project,
+            ignore=lambda folder, names: [
+                name
+                for name in names
+                if Path(folder, name) == shipped
+                or (
+                    Path(folder).name == "checkpoints"
+                    and any(fnmatch.fnmatch(name, glob) for glob in fresh)
+                )
+            ],
+        )
+        return project
+
+    return copy
+
+
+@dataclass
+class KedroProcess:
+    """A ``kedro run`` in a process of its own, and the file its console goes to (not a pipe,
+    which a long run would fill and block on)."""
+
+    process: subprocess.Popen
+    console: Path
+
+
+@pytest.fixture
+def kedro_run() -> Callable[..., KedroProcess]:
+    """Starts ``kedro run --env smoke ARGUMENTS`` in a project (console: ``kedro_run.log``
+    in it)."""
+
+    def start(project: Path, *arguments: str) -> KedroProcess:
+        console = project / "kedro_run.log"
+        with console.open("w") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kedro", "run", "--env", "smoke", *arguments],
+                cwd=project,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        return KedroProcess(process, console)
+
+    return start
 
 
 def as_real_users(data: Path) -> None:

@@ -1,4 +1,5 @@
-"""The shared training loop: exact resume, NaN guard, run folders, accumulation, freezing."""
+"""The shared training loop: exact resume, NaN guard, run folders keyed by settings and
+inputs, reuse of finished runs, accumulation, freezing, the precision a CPU can run."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from prefgen_kedro import precision
+from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import (
-    FINGERPRINT_FILE,
+    RUN_KEY_FILE,
     NonFiniteLossError,
     TrainConfig,
     train,
-    weights_digest,
 )
 
 
@@ -91,18 +93,37 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path: Path) -> None:
         assert torch.equal(got, want)
 
 
-def test_finished_run_started_again_trains_nothing(tmp_path: Path) -> None:
-    first_model = make_model()
-    train(first_model, make_dataset(), mse, config(max_steps=4), checkpoint_root=tmp_path, name="m")
-    again_model = make_model(seed=5)
-    again = train(
-        again_model, make_dataset(), mse, config(max_steps=4), checkpoint_root=tmp_path, name="m"
-    )
+def test_finished_run_started_again_trains_nothing_and_says_so(tmp_path: Path) -> None:
+    key = run_key({"note": "mlp"}, data=make_dataset().tensors)
+
+    def run(model: nn.Module):
+        return train(
+            model,
+            make_dataset(),
+            mse,
+            config(max_steps=4),
+            checkpoint_root=tmp_path,
+            name="m",
+            key=key,
+        )
+
+    first_model, again_model = make_model(), make_model(seed=5)
+    first = run(first_model)
+    again = run(again_model)
     assert again.resumed_from == 4
     assert again.steps == 4
     assert [entry["step"] for entry in again.history] == [2, 4]
     for got, want in zip(again_model.parameters(), first_model.parameters(), strict=True):
         assert torch.equal(got, want)
+    assert (first.reused, again.reused) == (False, True)
+    assert again.record() == {
+        "run_dir": str(first.run_dir),
+        "run_key": key.digest,
+        "inputs": dict(key.inputs),
+        "resumed_from": 4,
+        "reused": True,
+        "steps_trained": 0,
+    }
 
 
 def test_values_on_log_returns_join_the_history_and_survive_a_resume(tmp_path: Path) -> None:
@@ -142,7 +163,7 @@ def test_non_finite_loss_names_the_step(tmp_path: Path) -> None:
 def test_changed_settings_start_fresh_and_bookkeeping_does_not(tmp_path: Path) -> None:
     settings = config(max_steps=4)
     first = train(make_model(), make_dataset(), mse, settings, checkpoint_root=tmp_path, name="m")
-    assert (first.run_dir / FINGERPRINT_FILE).is_file()
+    assert (first.run_dir / RUN_KEY_FILE).is_file()
     assert first.run_dir.name.startswith("m-")
 
     changed = train(
@@ -163,7 +184,7 @@ def test_changed_settings_start_fresh_and_bookkeeping_does_not(tmp_path: Path) -
         settings,
         checkpoint_root=tmp_path,
         name="m",
-        fingerprint="another dataset",
+        key=run_key({}, data=make_dataset(21).tensors),
     )
     assert other_data.run_dir not in (first.run_dir, changed.run_dir)
 
@@ -232,7 +253,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
     assert sorted(path.name for path in run_dir.iterdir()) == [
         "checkpoint-10",
         "checkpoint-9",
-        FINGERPRINT_FILE,
+        RUN_KEY_FILE,
     ]
     assert {path.name for path in (run_dir / "checkpoint-10").iterdir()} >= {
         "model.safetensors",
@@ -267,11 +288,54 @@ def test_config_rejects_unknown_keys() -> None:
         TrainConfig(max_steps=1, batch_size=1, learning_rate=1e-3, learning_rat=1e-3)
 
 
-def test_weights_digest_follows_the_weights() -> None:
-    model = make_model(seed=0)
-    assert weights_digest(model) == weights_digest(make_model(seed=0))
-    assert weights_digest(model) != weights_digest(make_model(seed=1))
-    before = weights_digest(model)
-    with torch.no_grad():
-        model[3].weight[0, 0] += 1.0  # one weight of the last layer
-    assert weights_digest(model) != before
+@pytest.mark.parametrize(
+    ("flags", "requested", "runs_as"),
+    [
+        (frozenset({"avx2", "fma"}), "bf16", "no"),  # AVX2 only: emulated bf16, so fp32
+        (frozenset({"avx2", "avx512_bf16"}), "bf16", "bf16"),
+        (frozenset({"avx2", "amx_bf16"}), "bf16", "bf16"),
+        (frozenset({"fp", "asimd", "bf16"}), "bf16", "bf16"),  # ARM with FEAT_BF16
+        (frozenset({"avx2"}), "no", "no"),
+    ],
+)
+def test_cpu_precision_follows_native_bf16(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    flags: frozenset[str],
+    requested: str,
+    runs_as: str,
+) -> None:
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    precision._native_bf16_noted.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    autocasts: list[tuple[bool, torch.dtype]] = []
+
+    def watched_model() -> nn.Module:
+        model = make_model()
+        # On a layer: the autocast that mixed precision wraps around the model's forward.
+        model[0].register_forward_pre_hook(
+            lambda *_: autocasts.append(
+                (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+            )
+        )
+        return model
+
+    with caplog.at_level("INFO", logger="prefgen_kedro.precision"):
+        for run in range(2):
+            result = train(
+                watched_model(),
+                make_dataset(),
+                mse,
+                config(max_steps=1, mixed_precision=requested),
+                checkpoint_root=tmp_path / str(run),
+                name="m",
+            )
+    assert {enabled for enabled, _ in autocasts} == {runs_as == "bf16"}
+    if runs_as == "bf16":
+        assert {dtype for _, dtype in autocasts} == {torch.bfloat16}
+    config_written = (result.run_dir / RUN_KEY_FILE).read_text()
+    assert f'"mixed_precision": "{runs_as}"' in config_written
+    fell_back = [r for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(fell_back) == (1 if requested != runs_as else 0)  # logged once, not per run
+    precision._native_bf16_noted.cache_clear()

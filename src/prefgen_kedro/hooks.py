@@ -1,34 +1,68 @@
-"""Project hooks: what the run was and where its time went, for the reports to state.
+"""Project hooks: what the run was, what each artifact was made from, and errors told plainly.
 
-``RunInfoHook`` keeps ``run_info`` in the catalog — the command, env and start time, and the
-wall time and peak memory of every node finished so far — so a report node can say how it was
-made; at the end of a run the node table is saved as ``node_timings``
-(``data/08_reporting/timings.json``).
+- ``RunInfoHook`` keeps ``run_info`` in the catalog — the command, env and start time, and the
+  wall time and peak memory of every node finished so far — so a report node can say how it
+  was made; at the end of a run the node table and which training runs trained or were
+  reused are saved as ``node_timings`` (``<data_root>/08_reporting/timings.json``).
+- ``ProvenanceHook`` records, for every dataset a run writes, the digest of its files and the
+  digests of everything it was made from (its lineage), in ``<data_root>/provenance/`` and,
+  for a model folder, in the folder's ``provenance.json``; a report JSON gets a
+  ``provenance`` key. Before the run and before each node it refuses inputs made from
+  different versions of one artifact (a staged run that would show an old aligner beside a
+  new MLLM), naming both; it refuses a run that would write into a ``read_only_dirs`` folder
+  (``globals.yml``); and it hands a node that takes ``input_lineage`` the lineage of its
+  other inputs (the benchmark lists the models it evaluated).
+- ``ConsoleErrorHook`` ends a failed ``kedro run`` with the failing node and its message, not
+  with a page of library frames: bad input (``BadInputError``, a parameter error) gets the
+  message alone, any other error the project's own frames; the full traceback goes to
+  ``logs/last_error.log`` (``PREFGEN_TRACEBACK=1`` prints it instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
 import resource
 import shlex
 import sys
 import time
+import traceback
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from kedro.validation.exceptions import ParameterValidationError
+from kedro_datasets.json import JSONDataset
+
+from prefgen_kedro.datasets import PretrainedModelDataset
+from prefgen_kedro.errors import BadInputError
+from prefgen_kedro.provenance import (
+    PROVENANCE_FILE,
+    digest_of,
+    files_digest,
+    require_consistent,
+    write_json_atomic,
+)
+
+logger = logging.getLogger(__name__)
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
 class RunInfoHook:
-    """Records the run's command and each node's wall time and peak resident memory."""
+    """Records the run's command, each node's wall time and peak resident memory, and which
+    training runs trained and which were reused (found finished)."""
 
     def __init__(self) -> None:
         self._info: dict[str, Any] = {}
         self._started: dict[str, float] = {}
+        self._runs: dict[str, bool] = {}  # training run folder -> reused
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -44,6 +78,7 @@ class RunInfoHook:
             "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "nodes": [],
         }
+        self._runs = {}
         catalog["run_info"] = self._info
 
     @hook_impl
@@ -52,7 +87,9 @@ class RunInfoHook:
         self._started[node.name] = time.perf_counter()
 
     @hook_impl
-    def after_node_run(self, node: Any, catalog: Any) -> None:
+    def after_node_run(self, node: Any, catalog: Any, outputs: dict[str, Any]) -> None:
+        # A report may repeat a run (the manifest, a stage list): one entry per run folder.
+        self._runs.update((run["run_dir"], run["reused"]) for run in _training_runs(outputs))
         self._info["nodes"].append(
             {
                 "node": node.name,
@@ -64,6 +101,18 @@ class RunInfoHook:
 
     @hook_impl
     def after_pipeline_run(self, catalog: Any) -> None:
+        runs = {
+            outcome: sorted(folder for folder, reused in self._runs.items() if reused == is_reuse)
+            for outcome, is_reuse in (("trained", False), ("reused", True))
+        }
+        self._info["training_runs"] = runs
+        if self._runs:
+            logger.info(
+                "Training runs: %d trained, %d reused%s",
+                len(runs["trained"]),
+                len(runs["reused"]),
+                "" if runs["trained"] else " (all of them: nothing was trained)",
+            )
         if "node_timings" in catalog:
             catalog.save(
                 "node_timings",
@@ -72,6 +121,19 @@ class RunInfoHook:
                     "total_seconds": round(sum(n["seconds"] for n in self._info["nodes"]), 1),
                 },
             )
+
+
+def _training_runs(value: Any) -> Iterator[dict[str, Any]]:
+    """The training runs a node's outputs report (``TrainResult.record()``), at any depth."""
+    if isinstance(value, Mapping):
+        if {"run_key", "reused", "run_dir"} <= set(value):
+            yield value
+            return
+        for item in value.values():
+            yield from _training_runs(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _training_runs(item)
 
 
 def _reset_peak_memory() -> None:
@@ -101,3 +163,181 @@ def _equivalent_command(run_params: dict[str, Any]) -> str:
     if run_params.get("node_names"):
         words += ["--nodes", ",".join(run_params["node_names"])]
     return shlex.join(words)
+
+
+# A node input the ProvenanceHook fills with the lineage of the node's other inputs.
+INPUT_LINEAGE = "input_lineage"
+
+
+class ProvenanceHook:
+    """Records what every written dataset was made from and refuses mixed versions (see the
+    module docstring)."""
+
+    def __init__(self) -> None:
+        self._ledger = Path("data/provenance")
+        self._read_only: list[Path] = []
+        self._catalog: Any = None
+        # This run's view: each dataset's lineage, each node's inputs and what they came from.
+        self._lineages: dict[str, dict[str, str]] = {}
+        self._inputs: dict[str, dict[str, str]] = {}
+        self._made_from: dict[str, dict[str, str]] = {}
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        settings = context.config_loader["globals"]
+        project = Path(context.project_path)
+        self._ledger = project / settings["data_root"] / "provenance"
+        self._read_only = [project / folder for folder in settings.get("read_only_dirs", [])]
+
+    @hook_impl
+    def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
+        self._catalog = catalog
+        self._lineages, self._inputs, self._made_from = {}, {}, {}
+        self._refuse_read_only_outputs(pipeline.all_outputs())
+        stored = [name for name in pipeline.inputs() if self._path(name) is not None]
+        require_consistent({name: self._lineage(name) for name in stored}, "this run")
+
+    @hook_impl
+    def before_node_run(self, node: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        datasets = [name for name in node.inputs if not name.startswith("params:")]
+        lineages = {name: self._lineage(name) for name in datasets}
+        require_consistent(lineages, f"node {node.name}")
+        self._made_from[node.name] = {
+            k: v for lineage in lineages.values() for k, v in lineage.items()
+        }
+        self._inputs[node.name] = {
+            name: digest_of(value) if name.startswith("params:") else lineages[name][name]
+            for name, value in inputs.items()
+            if name.startswith("params:") or name in lineages[name]
+        }
+        if INPUT_LINEAGE not in node.inputs:
+            return None
+        made_from = self._made_from[node.name]
+        models = {
+            name for name in made_from if isinstance(self._dataset(name), PretrainedModelDataset)
+        }
+        return {
+            INPUT_LINEAGE: {
+                "models": {name: made_from[name] for name in sorted(models)},
+                "datasets": {name: made_from[name] for name in sorted(set(made_from) - models)},
+            }
+        }
+
+    @hook_impl
+    def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        for name, value in outputs.items():
+            dataset = self._dataset(name)
+            if not (isinstance(dataset, JSONDataset) and isinstance(value, dict)):
+                continue
+            # A file keyed by its own names (the foundation manifest) opts out in the catalog.
+            if (dataset.metadata or {}).get("prefgen", {}).get("provenance_key", True):
+                value["provenance"] = {
+                    "made_by": node.name,
+                    "inputs": self._inputs[node.name],
+                    "made_from": self._made_from[node.name],
+                }
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, node: Any) -> None:
+        made_from = self._made_from[node.name]
+        path = self._path(dataset_name)
+        if path is None:  # in memory: it carries its inputs' lineage to the nodes that read it
+            self._lineages[dataset_name] = made_from
+            return
+        digest = files_digest(path)
+        self._lineages[dataset_name] = {**made_from, dataset_name: digest}
+        record = {
+            "dataset": dataset_name,
+            "digest": digest,
+            "made_by": node.name,
+            "made_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "inputs": self._inputs[node.name],
+            "lineage": self._lineages[dataset_name],
+        }
+        self._ledger.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self._ledger / f"{dataset_name}.json", record)
+        if isinstance(self._dataset(dataset_name), PretrainedModelDataset):
+            write_json_atomic(path / PROVENANCE_FILE, record)
+
+    def _lineage(self, name: str) -> dict[str, str]:
+        """What ``name`` was made from (itself included): as this run made it, or as the
+        ledger recorded it if its files are still those; else only itself (made elsewhere,
+        or changed since, like a shipped or downloaded checkpoint)."""
+        if name not in self._lineages:
+            path = self._path(name)
+            if path is None or not path.exists():
+                return {}
+            digest = files_digest(path)
+            record = self._ledger / f"{name}.json"
+            recorded = json.loads(record.read_text()) if record.is_file() else {}
+            self._lineages[name] = (
+                recorded["lineage"] if recorded.get("digest") == digest else {name: digest}
+            )
+        return self._lineages[name]
+
+    def _dataset(self, name: str) -> Any:
+        return self._catalog.get(name, fallback_to_runtime_pattern=True)
+
+    def _path(self, name: str) -> Path | None:
+        """Where a dataset's files are, or None for one held in memory (or remote)."""
+        if name.startswith("params:"):
+            return None
+        described = self._dataset(name)._describe()
+        location = described.get("filepath") or described.get("path")
+        if location is None or described.get("protocol", "file") != "file":
+            return None
+        return Path(str(location))
+
+    def _refuse_read_only_outputs(self, outputs: set[str]) -> None:
+        for name in sorted(outputs):
+            path = self._path(name)
+            folder = next((f for f in self._read_only if path and path.is_relative_to(f)), None)
+            if folder is not None:
+                raise BadInputError(
+                    f"this run would write {name} into {path}, but {folder} is read-only in "
+                    "this environment (globals.yml: read_only_dirs); the shipped foundation "
+                    "checkpoints are made by `kedro run --pipeline foundation` on base"
+                )
+
+
+# Errors whose message is the whole story: no traceback on the console.
+_PLAIN_ERRORS = (BadInputError, ParameterValidationError)
+
+
+class ConsoleErrorHook:
+    """Ends a failed run with the node and its message (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._log = Path("logs/last_error.log")
+        self._failed_nodes: dict[int, str] = {}
+        self._previous_hook: Any = None
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._log = Path(context.project_path) / "logs" / "last_error.log"
+        if self._previous_hook is None:  # once per process: sessions come and go in tests
+            self._previous_hook = sys.excepthook
+            sys.excepthook = self._report
+
+    @hook_impl
+    def on_node_error(self, error: Exception, node: Any) -> None:
+        self._failed_nodes[id(error)] = node.name
+
+    def _report(
+        self, kind: type[BaseException], error: BaseException, trace: TracebackType | None
+    ) -> None:
+        node = self._failed_nodes.get(id(error))
+        if os.environ.get("PREFGEN_TRACEBACK") or not (node or isinstance(error, _PLAIN_ERRORS)):
+            self._previous_hook(kind, error, trace)
+            return
+        self._log.parent.mkdir(parents=True, exist_ok=True)
+        self._log.write_text("".join(traceback.format_exception(kind, error, trace)))
+        lines = [f"{f'Node {node}' if node else 'The run'} failed: {kind.__name__}: {error}"]
+        if not isinstance(error, _PLAIN_ERRORS):  # a bug, maybe: where in the project
+            lines += [
+                f"  at {frame.filename}:{frame.lineno} in {frame.name}"
+                for frame in traceback.extract_tb(trace)
+                if "prefgen_kedro" in frame.filename
+            ]
+        lines.append(f"(Full traceback: {self._log}; PREFGEN_TRACEBACK=1 prints it here.)")
+        print("\n".join(lines), file=sys.stderr)

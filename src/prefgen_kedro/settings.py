@@ -10,6 +10,6 @@ CONFIG_LOADER_ARGS = {
     "merge_strategy": {"parameters": "soft"},
 }
 
-from prefgen_kedro.hooks import RunInfoHook  # noqa: E402
+from prefgen_kedro.hooks import ConsoleErrorHook, ProvenanceHook, RunInfoHook  # noqa: E402
 
-HOOKS = (RunInfoHook(),)
+HOOKS = (RunInfoHook(), ProvenanceHook(), ConsoleErrorHook())

@@ -7,7 +7,7 @@ scales a trainer unchanged and a plain ``python`` process runs it on one device 
 Public API:
 
 - ``TrainConfig`` — the validated parameter model (a typo in a YAML key is an error).
-- ``train(model, dataset, compute_loss, config, *, checkpoint_root, name, fingerprint="",
+- ``train(model, dataset, compute_loss, config, *, checkpoint_root, name, key=None,
   collate_fn=None, trainable_parameters=None, on_log=None, description=None) -> TrainResult``.
   ``compute_loss(prepared_model, batch)`` returns a scalar loss, or ``(loss, {metric: float})``;
   it is handed the *prepared* model (DDP-wrapped under ``accelerate launch``), so call that one.
@@ -15,20 +15,21 @@ Public API:
 - ``TrainResult`` — ``history`` (one entry per ``log_every`` steps and at the end: the window
   means of ``loss`` and every metric, plus ``step``, ``lr`` and ``samples_seen``), ``steps``,
   ``wall_seconds`` (of this call), ``resumed_from`` (the step of the checkpoint resumed, or
-  ``None``), ``steps_trained`` (by this call) and ``run_dir``.
+  ``None``), ``steps_trained`` (by this call), ``reused`` (a finished run: nothing trained),
+  ``run_dir``, and ``record()``: what a report says about the run.
 - ``NonFiniteLossError`` — raised, naming the step, when the loss becomes NaN or infinite.
-- ``weights_digest(model)`` — a short digest of a model's weights, for a ``fingerprint`` that
-  must change with the model a run starts from (a fine-tuning's pretrained checkpoint).
 
 Checkpoints. A run lives in ``<checkpoint_root>/<name>-<hash[:10]>`` where the hash covers the
-config (minus pure bookkeeping: ``log_every``, ``checkpoint_every``, ``checkpoints_total_limit``),
-the caller's ``fingerprint`` (what data and model it trains) and the number of processes; that
-folder holds ``run_fingerprint.json``. Changed settings therefore start fresh in a new folder and
-identical settings resume from the newest ``checkpoint-{step}`` (model, optimizer, scheduler,
-RNG states and ``trainer_state.json`` with the history). A checkpoint is written to
-``.tmp-checkpoint-{step}`` and renamed into place, so a crash never leaves a half-written one
-where a resume would find it; one is written every ``checkpoint_every`` steps and at the end (a
-finished run started again loads the final weights and trains zero steps).
+config (minus pure bookkeeping: ``log_every``, ``checkpoint_every``, ``checkpoints_total_limit``;
+``mixed_precision`` as it runs on this machine, see ``precision``), the caller's ``key``
+(``provenance.run_key`` of the parameters and the content of every input: data, pictures, the
+model it starts from) and the number of processes; that folder holds ``run_key.json``. Any
+changed setting or input therefore starts fresh in a new folder, and an identical run resumes
+from the newest ``checkpoint-{step}`` (model, optimizer, scheduler, RNG states and
+``trainer_state.json`` with the history). A checkpoint is written to ``.tmp-checkpoint-{step}``
+and renamed into place, so a crash never leaves a half-written one where a resume would find
+it; one is written every ``checkpoint_every`` steps and at the end (a finished run started again
+loads the final weights and trains zero steps: it is reused).
 
 Data. The dataset is read as an endless stream of epochs; epoch ``e`` is shuffled by a generator
 seeded from ``(seed, e)`` and cut into ``max(1, len // (batch_size * processes))`` global batches
@@ -60,13 +61,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from prefgen_kedro.precision import effective_precision
+from prefgen_kedro.provenance import RunKey, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]
 # Called with each history entry; what it returns (or None) is added to the entry.
 LogFn = Callable[[int, dict[str, float]], Mapping[str, float] | None]
 
-FINGERPRINT_FILE = "run_fingerprint.json"
+RUN_KEY_FILE = "run_key.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_PREFIX = ".tmp-"
@@ -115,30 +119,42 @@ class TrainResult:
     wall_seconds: float
     resumed_from: int | None
     run_dir: Path
+    key: RunKey | None = None
 
     @property
     def steps_trained(self) -> int:
         """The steps this call trained (``wall_seconds`` is theirs): 0 for a finished run."""
         return self.steps - (self.resumed_from or 0)
 
+    @property
+    def reused(self) -> bool:
+        """Whether the run was found finished, so this call trained nothing."""
+        return self.steps_trained == 0
 
-def weights_digest(model: nn.Module, values_per_tensor: int = 64) -> str:
-    """sha256 (16 hex digits) of every state tensor's name, shape, dtype and first values:
-    two trainings differ in every tensor's first values, and reading only those keeps a hub
-    checkpoint's digest cheap."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        head = tensor.detach().flatten()[:values_per_tensor].float().cpu()
-        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
-        digest.update(head.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    def record(self) -> dict[str, Any]:
+        """The run as a report states it: its folder, key and inputs' digests, whether it
+        resumed (``resumed_from``: the step) or was reused whole."""
+        return {
+            "run_dir": str(self.run_dir),
+            "run_key": self.key.digest if self.key else None,
+            "inputs": dict(self.key.inputs) if self.key else {},
+            "resumed_from": self.resumed_from,
+            "reused": self.reused,
+            "steps_trained": self.steps_trained,
+        }
 
 
-def run_hash(config: TrainConfig, fingerprint: str, num_processes: int = 1) -> str:
-    """The sha256 naming a run's checkpoint folder: the settings that shape what is trained."""
+def shaping_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings that shape what a run trains: the config minus bookkeeping."""
+    return config.model_dump(exclude=set(_BOOKKEEPING_FIELDS))
+
+
+def run_hash(config: TrainConfig, key: RunKey | None, num_processes: int = 1) -> str:
+    """The sha256 naming a run's checkpoint folder: the settings that shape what is trained
+    and the key of what it is trained from."""
     payload = {
-        "config": config.model_dump(exclude=set(_BOOKKEEPING_FIELDS)),
-        "fingerprint": fingerprint,
+        "config": shaping_settings(config),
+        "key": key.digest if key else None,
         "num_processes": num_processes,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -152,7 +168,7 @@ def train(
     *,
     checkpoint_root: str | Path,
     name: str,
-    fingerprint: str = "",
+    key: RunKey | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     trainable_parameters: Iterable[nn.Parameter] | None = None,
     on_log: LogFn | None = None,
@@ -162,9 +178,12 @@ def train(
 
     ``trainable_parameters`` (default: those with ``requires_grad``) are the only ones optimized;
     the others get ``requires_grad=False`` for the run (their gradients would be wasted work),
-    and every flag and the train/eval mode are restored afterwards. ``fingerprint`` must name
-    whatever else shapes the result (data, model, loss, which parameters train), since it picks
-    the run folder together with the config. ``on_log(step, entry)`` is called on the main
+    and every flag and the train/eval mode are restored afterwards. ``key``
+    (``provenance.run_key``) must cover whatever else shapes the result (data, pictures, the
+    model it starts from, loss, which parameters train), since it picks the run folder together
+    with the config; without one, the config alone does (tests, benchmarks). A bf16 request
+    on a CPU without native bf16 runs in fp32 (``precision.effective_precision``), and the
+    folder is that of the precision it runs in. ``on_log(step, entry)`` is called on the main
     process with each history entry; the values it returns (a validation score, say) join that
     entry, so they are checkpointed with the history and a resumed run still reports them.
     ``description`` labels the progress bar (default ``name``).
@@ -175,6 +194,10 @@ def train(
         raise ValueError(f"{name}: the training dataset is empty")
     saved_flags = [(param, param.requires_grad) for param in model.parameters()]
     was_training = model.training
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = config.model_copy(
+        update={"mixed_precision": effective_precision(config.mixed_precision, device)}
+    )
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -191,7 +214,7 @@ def train(
             Path(checkpoint_root),
             name=name,
             config=config,
-            fingerprint=fingerprint,
+            key=key,
             num_processes=accelerator.num_processes,
         )
         optimizer = torch.optim.AdamW(
@@ -215,7 +238,13 @@ def train(
             state = json.loads((last_checkpoint / TRAINER_STATE_FILE).read_text())
             resumed_from = state["step"]
             if accelerator.is_main_process:
-                logger.info("%s: resuming from %s", name, last_checkpoint)
+                finished = resumed_from >= config.max_steps
+                logger.info(
+                    "%s: %s %s",
+                    name,
+                    "reusing the finished run in" if finished else "resuming from",
+                    last_checkpoint,
+                )
 
         _run_steps(
             accelerator,
@@ -247,6 +276,7 @@ def train(
             wall_seconds=time.perf_counter() - started,
             resumed_from=resumed_from,
             run_dir=run_dir,
+            key=key,
         )
     finally:
         # Removes DDP and the autocast wrapper that mixed precision patches onto ``forward``.
@@ -424,13 +454,13 @@ def _open_run_dir(
     *,
     name: str,
     config: TrainConfig,
-    fingerprint: str,
+    key: RunKey | None,
     num_processes: int,
 ) -> Path:
-    """Create (or reopen) the run's folder, check its fingerprint and clear interrupted writes."""
-    digest = run_hash(config, fingerprint, num_processes)
+    """Create (or reopen) the run's folder, check its key and clear interrupted writes."""
+    digest = run_hash(config, key, num_processes)
     run_dir = root / f"{name}-{digest[:10]}"
-    record_path = run_dir / FINGERPRINT_FILE
+    record_path = run_dir / RUN_KEY_FILE
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         for leftover in run_dir.glob(f"{_TMP_PREFIX}*"):
@@ -442,11 +472,12 @@ def _open_run_dir(
             record = {
                 "name": name,
                 "hash": digest,
-                "fingerprint": fingerprint,
+                "key": key.digest if key else None,
+                "inputs": dict(key.inputs) if key else {},
                 "num_processes": num_processes,
                 "config": config.model_dump(),
             }
-            _write_json_atomic(record_path, record)
+            write_json_atomic(record_path, record)
     accelerator.wait_for_everyone()
     # Checked on every process so that all of them stop, not only the main one.
     found = json.loads(record_path.read_text()).get("hash")
@@ -492,9 +523,3 @@ def _save_checkpoint(
             shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     return final
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    partial = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(partial, path)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from prefgen_kedro.data import pickapic
-from prefgen_kedro.data.pickapic import ingest_pickapic
+from prefgen_kedro.data.pickapic import EmptyIngestionError, ingest_pickapic
 from prefgen_kedro.data.splits import assign_splits
 from prefgen_kedro.data.tables import (
     IMAGES_COLUMNS,
@@ -142,7 +142,9 @@ def test_report_counts_every_stage_exactly(ingested: tuple[Any, ...]) -> None:
     assert report == {
         "shards_read": 2,
         "rows_read": 9,
-        "dropped_no_decisive_label": 2,
+        "dropped_unlabelled": 1,
+        "dropped_ties": 1,
+        "dropped_other_labels": 0,
         "dropped_too_few_choices_users": 1,
         "dropped_too_few_choices_rows": 1,
         "corrupt_images": 1,
@@ -355,7 +357,9 @@ def test_cleaning_across_shards_counts_every_stage(one_batch_run: tuple[Any, ...
     assert {
         "shards_read": 6,
         "rows_read": 16,
-        "dropped_no_decisive_label": 3,
+        "dropped_unlabelled": 1,
+        "dropped_ties": 2,
+        "dropped_other_labels": 0,
         "dropped_too_few_choices_users": 1,
         "dropped_too_few_choices_rows": 1,
         "corrupt_images": 1,
@@ -442,3 +446,55 @@ def test_changed_parameters_decode_again_and_replace_only_their_partials(
     assert not list(work_dir.glob("*.tmp"))
     assert (work_dir / "notes.txt").read_text() == "mine"
     assert (work_dir / "shard-000.parquet.backup").read_text() == "mine too"
+
+
+@pytest.mark.parametrize(
+    ("shards", "stage"),
+    [
+        ({"shard-000.parquet": []}, "hold no row"),
+        (
+            {
+                "shard-000.parquet": [
+                    _row("a tie", 1, ("u1", "u2"), (0.5, 0.5)),
+                    _row("not labelled", 1, ("u3", "u4"), (1.0, 0.0), has_label=False),
+                    _row("both chosen", 2, ("u5", "u6"), (1.0, 1.0)),
+                ]
+            },
+            r"stage 1 \(decisive labels\) dropped every one of the 3 rows "
+            r"\(1 unlabelled, 1 ties, 1 other_labels\)",
+        ),
+        (
+            {
+                "shard-000.parquet": [
+                    _row("one choice each", u, ("u1", "u2"), (1.0, 0.0)) for u in (1, 2)
+                ]
+            },
+            r"stage 2 \(too few choices\) dropped every user: none of the 2 users .* "
+            r"min_choices_per_user=2 \(the most: 1\)",
+        ),
+        (
+            {
+                "shard-000.parquet": [
+                    _row(
+                        "broken", 1, ("u1", "u2"), (1.0, 0.0), image_bytes=(CORRUPT, IMAGES["u2"])
+                    ),
+                    _row(
+                        "twice the same",
+                        1,
+                        ("u3", "u4"),
+                        (0.0, 1.0),
+                        image_bytes=(IMAGES["u3"],) * 2,
+                    ),
+                ]
+            },
+            r"stages 3-4 .* dropped every pair of the 1 kept users: 1 with a corrupt image, 1 of "
+            "one image twice",
+        ),
+    ],
+    ids=["no rows", "no decisive label", "no user with enough choices", "no usable pair"],
+)
+def test_a_stage_that_empties_the_data_stops_the_ingestion_naming_it(
+    tmp_path: Path, shards: dict[str, list[dict[str, Any]]], stage: str
+) -> None:
+    with pytest.raises(EmptyIngestionError, match=stage):
+        _ingest(_write_shards(tmp_path, shards))

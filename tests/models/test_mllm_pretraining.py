@@ -356,9 +356,7 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
             "eval": {"ks": [1, 2], "questions": 8, "seed": 4},
         }
     )
-    run = lambda: pretrain(  # noqa: E731
-        pool, pool, clip, params, checkpoint_root=str(tmp_path), fingerprint="test"
-    )
+    run = lambda: pretrain(pool, pool, clip, params, checkpoint_root=str(tmp_path))  # noqa: E731
     model, processor, report = run()
     assert [stage["stage"] for stage in report["learning_curve"]] == ["caption", "match"]
     assert [stage["samples"] for stage in report["learning_curve"]] == [8, 12]
@@ -374,8 +372,9 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
     assert processor.tokenizer is not None and not model.training
     # A second call resumes every stage from its last checkpoint: the same model and curves.
     again, _, rerun = run()
-    assert [stage["resumed_from_step"] for stage in report["learning_curve"]] == [None, None]
-    assert [stage["resumed_from_step"] for stage in rerun["learning_curve"]] == [2, 3]
+    assert [stage["run"]["resumed_from"] for stage in report["learning_curve"]] == [None, None]
+    assert [stage["run"]["resumed_from"] for stage in rerun["learning_curve"]] == [2, 3]
+    assert all(stage["run"]["reused"] for stage in rerun["learning_curve"])
     assert [stage["learning_curve"] for stage in rerun["learning_curve"]] == [
         stage["learning_curve"] for stage in report["learning_curve"]
     ]
@@ -394,6 +393,34 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
     for name, value in fitted.model.multi_modal_projector.attribute_readout.state_dict().items():
         shipped = model.model.multi_modal_projector.attribute_readout.state_dict()[name]
         assert torch.equal(shipped, value.half().float()), name
+
+
+def test_a_changed_vision_tower_weight_pretrains_every_stage_afresh(
+    pool, tmp_path, make_conditioning_clip
+):
+    clip = make_conditioning_clip(SIZE, patch_size=8)
+    train = {"batch_size": 2, "learning_rate": 1e-3, "max_steps": 1}
+    params = MllmPretrainParams.model_validate(
+        {
+            "architecture": ARCHITECTURE | {"vocab_size": 400},
+            "slot_positions": True,
+            "simulated_users": {"n_liked": 2, "n_disliked": 2},
+            "stages": [
+                {"name": "caption", "task": "caption", "train": train},
+                {"name": "match", "task": "preference", "train": train},
+            ],
+            "eval": {"ks": [1], "questions": 2, "seed": 4},
+        }
+    )
+    renders = pool.first(40)
+    _, _, first = pretrain(renders, renders, clip, params, checkpoint_root=str(tmp_path))
+    tower = clip.vision_model.encoder.layers[0].mlp.fc1.weight
+    with torch.no_grad():
+        tower[-1, -1] += 1e-3  # one value, far from the tensor's first ones
+    _, _, changed = pretrain(renders, renders, clip, params, checkpoint_root=str(tmp_path))
+    for before, after in zip(first["learning_curve"], changed["learning_curve"], strict=True):
+        assert after["run"]["resumed_from"] is None
+        assert after["run"]["inputs"]["previous"] != before["run"]["inputs"]["previous"]
 
 
 def test_attribute_readout_learns_each_category_of_held_out_renders(

@@ -3,8 +3,8 @@
 Each Pick-a-Pic row is one user's choice between two images generated for one caption. The
 cleaning runs in stages, each counted in the report:
 
-1. rows without a decisive label are dropped: ``has_label`` false, a tie (0.5/0.5) or any other
-   label pair than 1/0 or 0/1;
+1. rows without a decisive label are dropped, each counted by why: unlabelled (``has_label``
+   false), a tie (0.5/0.5) or any other label pair than 1/0 or 0/1;
 2. users with fewer than ``min_choices_per_user`` decisive choices are dropped with all their
    rows. The count is taken before the image checks, so a kept user can end with fewer usable
    pairs when some of their images are corrupt;
@@ -16,10 +16,12 @@ cleaning runs in stages, each counted in the report:
 5. kept images are center-cropped to a square and resized to ``image_size`` (RGB).
 
 The chosen image becomes a liked interaction (label 1), the rejected one a disliked one (label 0).
-Every row read ends in exactly one of ``dropped_no_decisive_label``,
-``dropped_too_few_choices_rows``, ``dropped_pairs_with_corrupt_image``,
+Every row read ends in exactly one of ``dropped_unlabelled``, ``dropped_ties``,
+``dropped_other_labels``, ``dropped_too_few_choices_rows``, ``dropped_pairs_with_corrupt_image``,
 ``dropped_identical_pairs`` and ``pairs_kept``; and ``2 * pairs_kept == images_kept +
-duplicate_images``.
+duplicate_images``. Shards with no row, or a cleaning stage that drops every row or every
+user, stop the ingestion with an ``EmptyIngestionError`` naming that stage: empty tables would
+only fail later, far from the cause.
 
 The shards are streamed in record batches of ``batch_size`` rows, in two passes. The first reads
 only the label columns, to count each user's decisive choices. The second, the expensive one,
@@ -66,6 +68,7 @@ from prefgen_kedro.data.tables import (
     USERS_COLUMNS,
     require_columns,
 )
+from prefgen_kedro.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +83,12 @@ PAIR_COLUMNS = (
     "image_0_uid",
     "image_1_uid",
 )
+# Why a row's label is not decisive (stage 1), each counted in the report as dropped_<reason>.
+UNDECIDED = ("unlabelled", "ties", "other_labels")
 REPORT_KEYS = (
     "shards_read",
     "rows_read",
-    "dropped_no_decisive_label",
+    *(f"dropped_{reason}" for reason in UNDECIDED),
     "dropped_too_few_choices_users",
     "dropped_too_few_choices_rows",
     "corrupt_images",
@@ -98,6 +103,10 @@ REPORT_KEYS = (
 # Part of every partial's fingerprint: bump it when _ShardPairs or the decoding changes, so that
 # partials saved by older code are decoded again rather than reused.
 PARTIAL_FORMAT = 1
+
+
+class EmptyIngestionError(BadInputError):
+    """The shards hold no row, or a cleaning stage dropped every row or every user."""
 
 
 def ingest_pickapic(
@@ -141,7 +150,15 @@ def ingest_pickapic(
     choices: Counter[str] = Counter()
     for shard_choices in choices_by_shard:
         choices.update(shard_choices)
+    _require_rows(shard_dir, shards, report, choices)
     kept_users = {user for user, count in choices.items() if count >= min_choices_per_user}
+    if not kept_users:
+        raise EmptyIngestionError(
+            f"Pick-a-Pic shards in {shard_dir}: stage 2 (too few choices) dropped every user: "
+            f"none of the {len(choices)} users with a decisive choice has "
+            f"min_choices_per_user={min_choices_per_user} (the most: {max(choices.values())}); "
+            "lower data_ingestion.pickapic.min_choices_per_user or add shards"
+        )
     report["dropped_too_few_choices_users"] = len(choices) - len(kept_users)
     report["dropped_too_few_choices_rows"] = sum(
         count for user, count in choices.items() if user not in kept_users
@@ -169,6 +186,13 @@ def ingest_pickapic(
         for pair in shard_pairs.pairs:
             interaction_rows.extend(_ingest_pair(pair, shard_pairs.pixels, store, report))
 
+    if not interaction_rows:
+        raise EmptyIngestionError(
+            f"Pick-a-Pic shards in {shard_dir}: stages 3-4 (corrupt images, identical pairs) "
+            f"dropped every pair of the {len(kept_users)} kept users: "
+            f"{report['dropped_pairs_with_corrupt_image']} with a corrupt image, "
+            f"{report['dropped_identical_pairs']} of one image twice"
+        )
     images = pd.DataFrame(store.rows, columns=list(IMAGES_COLUMNS))
     interactions = pd.DataFrame(interaction_rows, columns=list(INTERACTIONS_COLUMNS))
     interactions["label"] = interactions["label"].astype("int64")
@@ -194,6 +218,23 @@ def ingest_pickapic(
         counts[f"interactions_{split}"] = int((interaction_splits == split).sum())
     logger.info("Pick-a-Pic ingestion of %s: %s", shard_dir, counts)
     return images, interactions, users, store.files, counts
+
+
+def _require_rows(
+    shard_dir: str | Path, shards: list[Path], report: Counter[str], choices: Counter[str]
+) -> None:
+    """Stop if the shards hold no row, or stage 1 dropped every one."""
+    if not report["rows_read"]:
+        raise EmptyIngestionError(
+            f"Pick-a-Pic shards in {shard_dir}: the {len(shards)} shard(s) hold no row "
+            f"({', '.join(shard.name for shard in shards[:5])}{', ...' if len(shards) > 5 else ''})"
+        )
+    if not choices:
+        counts = ", ".join(f"{report[f'dropped_{reason}']} {reason}" for reason in UNDECIDED)
+        raise EmptyIngestionError(
+            f"Pick-a-Pic shards in {shard_dir}: stage 1 (decisive labels) dropped every one of "
+            f"the {report['rows_read']} rows ({counts})"
+        )
 
 
 def list_shards(shard_dir: str | Path) -> list[Path]:
@@ -229,17 +270,22 @@ def _batches(shard: Path, columns: tuple[str, ...], batch_size: int) -> Iterator
         yield from file.iter_batches(batch_size=batch_size, columns=list(columns))
 
 
-def _is_decisive(has_label: bool | None, label_0: float | None, label_1: float | None) -> bool:
-    return bool(has_label) and {label_0, label_1} == {0.0, 1.0}
+def _undecided(has_label: bool | None, label_0: float | None, label_1: float | None) -> str | None:
+    """Why a row's label is not decisive (one of ``UNDECIDED``), or None if it is."""
+    if not has_label:
+        return "unlabelled"
+    if {label_0, label_1} == {0.0, 1.0}:
+        return None
+    return "ties" if label_0 == label_1 == 0.5 else "other_labels"
 
 
-def _decisive_user_ids(batch: pa.RecordBatch) -> list[str | None]:
-    """Each row's user id as a string when its label is decisive, else None."""
+def _decisions(batch: pa.RecordBatch) -> list[tuple[str, str | None]]:
+    """Each row's user id (a string) and why its label is not decisive (None: it is)."""
     users, has_labels, labels_0, labels_1 = (
         batch.column(name).to_pylist() for name in LABEL_COLUMNS
     )
     return [
-        str(user) if _is_decisive(has_label, label_0, label_1) else None
+        (str(user), _undecided(has_label, label_0, label_1))
         for user, has_label, label_0, label_1 in zip(
             users, has_labels, labels_0, labels_1, strict=True
         )
@@ -252,10 +298,12 @@ def _count_decisive_choices(shard: Path, batch_size: int, report: Counter[str]) 
     choices: Counter[str] = Counter()
     with _naming_shard(shard):
         for batch in _batches(shard, LABEL_COLUMNS, batch_size):
-            users = _decisive_user_ids(batch)
             report["rows_read"] += batch.num_rows
-            report["dropped_no_decisive_label"] += users.count(None)
-            choices.update(user for user in users if user is not None)
+            for user, undecided in _decisions(batch):
+                if undecided is None:
+                    choices[user] += 1
+                else:
+                    report[f"dropped_{undecided}"] += 1
     return choices
 
 
@@ -350,7 +398,7 @@ def _decode_shard(
     pairs: list[_Pair] = []
     pixels: dict[str, bytes | None] = {}
     for batch in _batches(shard, PAIR_COLUMNS, batch_size):
-        keep = [user in kept_users for user in _decisive_user_ids(batch)]
+        keep = [undecided is None and user in kept_users for user, undecided in _decisions(batch)]
         for row in batch.filter(pa.array(keep, type=pa.bool_())).to_pylist():
             digests = []
             for data in (row["jpg_0"], row["jpg_1"]):

@@ -28,6 +28,8 @@ from kedro.io.core import (
     get_protocol_and_path,
 )
 
+from prefgen_kedro.provenance import files_digest
+
 logger = logging.getLogger(__name__)
 
 # Weight files that torch can only read by unpickling.
@@ -51,8 +53,10 @@ class PretrainedModelDataset(AbstractDataset[Any, Any]):
 
     Saving writes to a temporary directory beside ``path`` and renames it into place; an
     existing ``path`` is first moved aside to ``{path}.previous-{timestamp}`` (with a warning),
-    never deleted. Loading works from any fsspec filesystem (remote directories are copied to a
-    temporary local one first); saving needs the local filesystem, where renames are atomic.
+    never deleted, unless it holds the same files (a reused training saves what it found):
+    then it is kept as it is. Loading works from any fsspec filesystem (remote directories are
+    copied to a temporary local one first); saving needs the local filesystem, where renames
+    are atomic.
     """
 
     def __init__(
@@ -140,6 +144,8 @@ class PretrainedModelDataset(AbstractDataset[Any, Any]):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             data.save_pretrained(str(staging), **_with_safe_serialization(data, self._save_args))
+            if target.exists() and files_digest(staging) == files_digest(target):
+                return
             if target.exists():
                 previous = target.with_name(f"{target.name}.previous-{generate_timestamp()}")
                 os.replace(target, previous)

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 
 from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.precision import effective_precision
 from prefgen_kedro.world.agent_world import RenderSet
 
 
@@ -310,8 +311,8 @@ def sample(
     (ε(c, ∅') − ε(∅, ∅')) + extra_guidance_scale · (ε(c, e) − ε(c, ∅'))`` with ``c`` the
     prompt, ``e`` the extra condition and ``∅'`` the negative one. With ``vae`` the UNet
     works in its latent space and images are decoded, as in SD. ``mixed_precision="bf16"``
-    runs the UNet under bf16 autocast (twice as fast on a CPU with AVX512-BF16); the
-    scheduler arithmetic stays in float32.
+    runs the UNet under bf16 autocast (twice as fast on a CPU with AVX512-BF16; in float32 on
+    a CPU without native bf16, see ``precision``); the scheduler arithmetic stays in float32.
     """
     if mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {mixed_precision!r}")
@@ -332,6 +333,7 @@ def sample(
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_inference_steps)
     device, dtype = unet.device, unet.dtype
+    autocast = effective_precision(mixed_precision, device) == "bf16"
     size = unet.config.sample_size
     shape = (unet.config.in_channels, size, size)
     was_training = unet.training
@@ -366,9 +368,7 @@ def sample(
             for timestep in ddim.timesteps:
                 model_input = torch.cat([latents] * len(texts))
                 model_input = ddim.scale_model_input(model_input, timestep).to(dtype)
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"
-                ):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     outputs = unet(
                         model_input, timestep, encoder_hidden_states=condition, **extra
                     ).sample.float()

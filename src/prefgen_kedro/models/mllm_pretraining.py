@@ -28,7 +28,6 @@ Public API: ``CaptionTask``, ``SimulatedUserVqa``, ``Question``, ``DESCRIBE``,
 from __future__ import annotations
 
 import functools
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,7 +76,8 @@ from prefgen_kedro.models.vqa import (
     taste_text,
     vqa_corpus,
 )
-from prefgen_kedro.training import TrainConfig, train
+from prefgen_kedro.provenance import run_key
+from prefgen_kedro.training import TrainConfig, shaping_settings, train
 from prefgen_kedro.world.agent_world import RenderSet
 from prefgen_kedro.world.users import SimulatedUser, make_user
 from prefgen_kedro.world.vocabulary import (
@@ -621,7 +621,6 @@ def pretrain(
     params: MllmPretrainParams,
     *,
     checkpoint_root: str,
-    fingerprint: str,
 ) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
     """A BPE tokenizer trained on the captions and prompts, a LLaVA on ``vision_from``'s
     (frozen) vision tower, trained through ``params.stages`` in order on ``renders`` and
@@ -629,9 +628,9 @@ def pretrain(
     and stand in for the pixels. After each stage its preference accuracy on ``heldout``
     renders is measured; stages with a taste head also log the head's taste AUC on held-out
     users against samples seen (the learning curve). The returned model is rounded to fp16
-    and back, so the final figures are those of the checkpoint that ships in fp16.
-    ``fingerprint`` (what the run depends on besides ``params``) keys the trainer's
-    resumable checkpoints."""
+    and back, so the final figures are those of the checkpoint that ships in fp16. Each
+    stage's resumable checkpoints are keyed by the parameters, every render and caption,
+    all of ``vision_from``'s weights and the stages before it (``provenance.run_key``)."""
     started = time.perf_counter()
     arch = params.architecture
     tokenizer = train_tokenizer(
@@ -653,7 +652,13 @@ def pretrain(
         else None,
         **arch.model_dump(exclude={"vocab_size", "assistant_role", "attribute_token"}),
     )
-    lineage = f"{fingerprint} slots={params.slot_positions}"
+    # Each stage continues the ones before it: its key chains theirs.
+    key = run_key(
+        params.model_dump(exclude={"stages", "eval"}),
+        renders=renders,
+        captions=renders.captions,
+        vision_from=vision_from,
+    )
     readout = None
     if arch.attribute_token:
         fit_attribute_readout(
@@ -663,7 +668,6 @@ def pretrain(
             seed=params.stages[0].train.seed,
         )
         readout = attribute_readout_accuracy(model, heldout)
-        lineage += f" readout={params.attribute_readout.model_dump_json()}"
     features = select_vision_features(model, renders.images)
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
     frozen = {id(p) for p in frozen_parameters(model)}
@@ -688,7 +692,10 @@ def pretrain(
     stages = []
     for stage in params.stages:
         dataset = _stage_dataset(stage, renders, features, processor, params)
-        lineage += f" {stage.model_dump_json()}"
+        key = run_key(
+            {"stage": stage.model_dump(exclude={"train"}), "train": shaping_settings(stage.train)},
+            previous=key,
+        )
         settings = answer_loss_settings(stage.answer_loss, tokenizer)
         with_head = stage.taste_head_weight > 0
         result = train(
@@ -700,8 +707,7 @@ def pretrain(
             stage.train,
             checkpoint_root=checkpoint_root,
             name=f"mllm_{stage.name}",
-            # Each stage continues the previous ones: its checkpoints depend on all of them.
-            fingerprint=hashlib.sha256(lineage.encode()).hexdigest(),
+            key=key,
             collate_fn=dataset.collate,
             trainable_parameters=[*trainable, *taste_head.head.parameters()]
             if with_head
@@ -715,7 +721,7 @@ def pretrain(
                 "stage": stage.name,
                 "samples": result.steps * stage.train.batch_size,
                 "wall_seconds": round(result.wall_seconds, 1),
-                "resumed_from_step": result.resumed_from,
+                "run": result.record(),
                 "learning_curve": [
                     {key: round(value, 4) for key, value in entry.items()}
                     for entry in result.history
@@ -729,7 +735,7 @@ def pretrain(
         "seed": params.stages[0].train.seed,
         "steps": sum(stage.train.max_steps for stage in params.stages),
         "wall_seconds": time.perf_counter() - started,
-        "resumed_from_step": None,
+        "run": stages[-1]["run"],  # the stage whose weights ship
         "metrics": {
             "heldout_simulated_users": evaluate(model),
             "heldout_taste_answers": taste_answer_accuracy(

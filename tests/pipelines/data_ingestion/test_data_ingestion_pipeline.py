@@ -7,10 +7,10 @@ from kedro.validation.exceptions import ParameterValidationError
 from prefgen_kedro.data.tables import IMAGES_COLUMNS, INTERACTIONS_COLUMNS, USERS_COLUMNS
 
 
-def test_data_ingestion_runs_on_smoke(run_smoke, smoke_project):
+def test_data_ingestion_runs_on_smoke(run_smoke, smoke_data):
     run_smoke("data_ingestion")
 
-    data = smoke_project / "data"
+    data = smoke_data
     images = pd.read_parquet(data / "02_intermediate" / "images.parquet")
     interactions = pd.read_parquet(data / "02_intermediate" / "interactions.parquet")
     users = pd.read_parquet(data / "02_intermediate" / "users.parquet")

@@ -1,6 +1,6 @@
 """The ``diffusion`` pipeline on ``smoke``: conditions without copying, every variant
-trained and scored, the branch/bare step ratio measured; and its training node on a latent
-UNet with a VAE, as SD 1.5 in ``gpu``."""
+trained and scored; and its training node on a latent UNet with a VAE, as SD 1.5 in
+``gpu``."""
 
 import json
 
@@ -57,8 +57,6 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
         assert 0 <= metrics[method]["like_rate"] <= 1
         assert metrics[method]["images_per_second"] > 0
     assert 0 <= metrics["viper_style"]["taste_answers_read"] <= 1
-    steps = metrics["training"]["step_seconds"]
-    assert steps["ratio_branch_to_bare"] > 0
     assert metrics["training"]["training_samples"] > 0
     assert (data / "08_reporting" / "user_branch_grid.png").stat().st_size > 0
 

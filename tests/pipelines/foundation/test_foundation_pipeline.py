@@ -26,7 +26,7 @@ SMOKE_STEPS = {
 }
 
 
-def test_foundation_runs_on_smoke_and_writes_a_true_manifest(smoke_foundation, smoke_project):
+def test_foundation_runs_on_smoke_and_writes_a_true_manifest(smoke_foundation, smoke_data):
     folder = smoke_foundation
     manifest = json.loads((folder / "manifest.json").read_text())
     assert set(manifest) == set(SMOKE_STEPS)
@@ -52,7 +52,7 @@ def test_foundation_runs_on_smoke_and_writes_a_true_manifest(smoke_foundation, s
     assert [stage["stage"] for stage in curve] == ["caption", "match"]
     assert all(stage["learning_curve"] and stage["heldout"] for stage in curve)
 
-    reports = smoke_project / "data" / "08_reporting"
+    reports = smoke_data / "08_reporting"
     metrics = json.loads((reports / "encoders_metrics.json").read_text())
     assert metrics["fid_network"]["self"]["fid"] < 1e-6
     assert (reports / "base_diffusion_grid.png").is_file()
@@ -122,7 +122,7 @@ def test_foundation_mllm_remakes_only_the_mllm_and_its_manifest_entry(
 ):
     project = tmp_path / "project"  # a copy: the session's smoke models stay as they are
     shutil.copytree(smoke_project, project)
-    folder = project / "data" / "06_models" / "foundation_smoke"
+    folder = project / smoke_foundation.relative_to(smoke_project)
     shipped = json.loads((folder / "manifest.json").read_text())
     others = {name: (folder / name).stat().st_mtime_ns for name in shipped if name != "mllm"}
 

@@ -11,6 +11,7 @@ diversity are compared on the validation users.
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from prefgen_kedro.models.alignment import (
     text_embeddings,
 )
 from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
@@ -116,9 +118,17 @@ def train_aligners(
             params.train,
             checkpoint_root=params.checkpoint_root,
             name=f"aligner_{name}",
-            fingerprint=f"{variant} users={len(dataset)} hidden={params.hidden_dim} "
-            f"tokens={params.tokens} factors={params.bandwidth_factors} "
-            f"first={contexts[0][0, :4].tolist()}",
+            # Every input of every training context and every target: a new MLLM, other
+            # probing contexts or other phrases all train afresh.
+            key=run_key(
+                {
+                    "variant": asdict(variant),
+                    **params.model_dump(include={"hidden_dim", "tokens", "bandwidth_factors"}),
+                },
+                users=user_ids,
+                contexts=contexts,
+                targets=targets,
+            ),
             collate_fn=UserSetsDataset.collate,
         )
         mlps[name] = model.eval()
@@ -126,6 +136,7 @@ def train_aligners(
             "objective": variant.objective,
             "reads": variant.reads,
             "steps": result.steps,
+            "run": result.record(),
             "wall_seconds": round(result.wall_seconds, 1),
             "learning_curve": [
                 {"step": entry["step"], "loss": round(entry["loss"], 5)} for entry in result.history

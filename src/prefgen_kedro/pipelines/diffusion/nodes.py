@@ -11,7 +11,6 @@ the image (DESIGN.md: no copying).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Literal
 
@@ -19,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
@@ -60,6 +58,7 @@ from prefgen_kedro.pipelines.pictures import (
     load_pictures,
     preference_contexts,
 )
+from prefgen_kedro.provenance import digest_of, run_key
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
@@ -204,7 +203,10 @@ def train_user_branches(
     params: DiffusionParams,
 ) -> tuple[UserBranches, dict]:
     """Train one adapter per variant on the frozen base UNet (on the latents of
-    ``base_vae`` when the UNet is a latent one, e.g. SD 1.5); report step times."""
+    ``base_vae`` when the UNet is a latent one, e.g. SD 1.5). Each variant's run is keyed by
+    the samples it trains on (pixels or latents, prompt states, its condition parts), the
+    base UNet's weights and the noise schedule, so a variant whose inputs are unchanged is
+    reused and any other trains afresh. (Step times: ``benchmarks/adapter_step.py``.)"""
     dataset = _training_set(
         user_conditions,
         images,
@@ -220,6 +222,7 @@ def train_user_branches(
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
+    base = {"unet": digest_of(unet), "noise_scheduler": digest_of(noise_scheduler)}
     for name, parts in params.active_variants.items():
         torch.manual_seed(params.train.seed)
         text_space = [part for part in parts if part in params.text_space_parts]
@@ -243,23 +246,34 @@ def train_user_branches(
             params.train,
             checkpoint_root=params.checkpoint_root,
             name=f"user_branch_{name}",
-            fingerprint=f"{parts} tokens={params.tokens_per_part} samples={len(dataset)} "
-            f"dropout={params.caption_dropout},{params.user_dropout} snr={params.snr_gamma} "
-            f"first={dataset.tensors[parts[0]][0, :4].tolist()}"
-            + (f" text_space={text_space}" if text_space else ""),
+            key=run_key(
+                {
+                    "parts": parts,
+                    "text_space": text_space,
+                    **params.model_dump(
+                        include={"tokens_per_part", "caption_dropout", "user_dropout", "snr_gamma"}
+                    ),
+                },
+                # A sample's clean image (pixels or latents), prompt states and the variant's
+                # parts: a change to another part leaves the variant reused.
+                samples={
+                    key: dataset.tensors[key] for key in ("pixel_values", "prompt_embeds", *parts)
+                },
+                empty_prompt=empty,
+                **base,
+            ),
             trainable_parameters=list(adapter.parameters()),
         )
         adapters[name] = adapter.eval()
         report["variants"][name] = {
             "parts": parts,
             "steps": result.steps,
-            "resumed_from_step": result.resumed_from,
+            "run": result.record(),
             "wall_seconds": round(result.wall_seconds, 1),
             "learning_curve": [
                 {"step": e["step"], "loss": round(e["loss"], 5)} for e in result.history
             ],
         }
-    report["step_seconds"] = _step_times(unet, adapters, dataset, noise_scheduler, empty, params)
     return UserBranches.of(adapters), report
 
 
@@ -410,39 +424,3 @@ def _training_set(
             if part in chosen
         },
     )
-
-
-def _step_times(
-    unet, adapters, dataset, scheduler, empty, params: DiffusionParams
-) -> dict[str, float]:
-    """Seconds per training step: a branch (UNet frozen) vs the bare UNet trained fully, on
-    the same batch, a few steps each after one warm-up (the branch's overhead)."""
-    # The trainer left the UNet on its device (a GPU in ``gpu``).
-    device = unet.device
-    batch = {k: v[: params.train.batch_size].to(device) for k, v in dataset.tensors.items()}
-    name, adapter = next(iter(adapters.items()))
-    timed = {}
-    for label, model, keys in (
-        ("bare_unet", unet, ()),
-        (f"branch_{name}", UserConditionedUnet(unet, adapter), tuple(adapter.part_names)),
-    ):
-        if label == "bare_unet":
-            unet.set_attn_processor(AttnProcessor2_0())
-            unet.requires_grad_(True)
-        loss = DiffusionLoss(scheduler, empty, user_keys=keys)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-9)
-        for step in range(4):
-            if step == 1:
-                started = time.perf_counter()
-            with torch.autocast(
-                device.type, dtype=torch.bfloat16, enabled=params.train.mixed_precision == "bf16"
-            ):
-                value, _ = loss(model, batch)
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        timed[label] = round((time.perf_counter() - started) / 3, 4)
-    unet.requires_grad_(False)
-    timed["ratio_branch_to_bare"] = round(timed[f"branch_{name}"] / timed["bare_unet"], 3)
-    return timed

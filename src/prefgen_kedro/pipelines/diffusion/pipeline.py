@@ -6,6 +6,9 @@ from .nodes import evaluate_user_branches, make_user_conditions, train_user_bran
 
 
 def create_pipeline(**kwargs) -> Pipeline:
+    # Here, not above: evaluation's nodes import this package's nodes.
+    from prefgen_kedro.pipelines.evaluation.nodes import audit_taste_signal
+
     return Pipeline(
         [
             Node(
@@ -22,6 +25,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 "user_conditions",
                 name="make_user_conditions",
+            ),
+            # The benchmark's audit of the test users' conditions, made with them: a run that
+            # remakes user_conditions never leaves an audit of older ones behind.
+            Node(
+                audit_taste_signal,
+                ["user_conditions", "users", "images", "params:evaluation"],
+                "taste_signal_audit",
+                name="audit_taste_signal",
             ),
             Node(
                 train_user_branches,

@@ -412,11 +412,13 @@ def write_benchmark_report(
     alignment_metrics: dict,
     raw_images: Mapping[str, Callable],
     run_info: dict,
+    input_lineage: dict,
     diffusion: DiffusionParams,
     params: EvaluationParams,
 ) -> tuple[str, str, dict[str, Image.Image]]:
     """``benchmark.md``, the self-contained ``benchmark.html`` and the figures the Markdown
-    links (``benchmark/<name>.png``)."""
+    links (``benchmark/<name>.png``); ``input_lineage`` (``hooks.ProvenanceHook``) gives the
+    digests of the models its inputs were made from."""
     ours = params.reference_method
     present = set(metrics["method"])
     methods = [m for m in (REAL, *BASELINES, ours, *params.references) if m in present]
@@ -520,7 +522,7 @@ def write_benchmark_report(
         report.table(*metric_table(metrics, methods + ablations, agreement, []))
     report.figure("bars", _bar_figure(metrics, [*methods, *ablations]), "Means with 95 % CIs.")
     report.heading("Where the signal comes from")
-    if taste_signal_audit:
+    if taste_signal_audit.get("auc"):
         report.paragraph(
             "How much of each test user's taste survives each stage: a multi-label linear "
             "probe reads the user's liked attributes from one context's vector (trained on "
@@ -568,7 +570,7 @@ def write_benchmark_report(
         report.paragraph(
             f"Wall time and peak resident memory of every node this run finished before the "
             f"report ({nodes['seconds'].sum():.0f} s in all, this machine); the whole run's "
-            "table is `data/08_reporting/timings.json`."
+            "table is `timings.json` beside this report."
         )
         report.table(
             pd.DataFrame(
@@ -579,6 +581,15 @@ def write_benchmark_report(
                 index=nodes.index,
             )
         )
+    if input_lineage.get("models"):
+        report.heading("Models evaluated")
+        report.paragraph(
+            "Every model the figures above were made from, by the digest of its files; each "
+            "model folder's `provenance.json` says what it was made from in turn. A run whose "
+            "inputs come from different versions of one of them stops instead of reporting."
+        )
+        models = input_lineage["models"]
+        report.table(pd.DataFrame({"digest": list(models.values())}, index=list(models)))
     return report.to_markdown("benchmark"), report.to_html(), report.figures
 
 

@@ -3,7 +3,6 @@
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
-    audit_taste_signal,
     fidelity_metrics,
     generate_images,
     make_evaluation_cases,
@@ -80,12 +79,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="summarize_metrics",
             ),
             Node(
-                audit_taste_signal,
-                ["user_conditions", "users", "images", "params:evaluation"],
-                "taste_signal_audit",
-                name="audit_taste_signal",
-            ),
-            Node(
                 write_benchmark_report,
                 [
                     "metrics",
@@ -99,6 +92,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "alignment_metrics",
                     "raw_images",
                     "run_info",
+                    "input_lineage",
                     "params:diffusion",
                     "params:evaluation",
                 ],

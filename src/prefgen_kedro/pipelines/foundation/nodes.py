@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -52,9 +53,10 @@ from prefgen_kedro.models.oracle import (
     oracle_training_data,
 )
 from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.provenance import RunKey, run_key
 from prefgen_kedro.training import TrainConfig, TrainResult, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
-from prefgen_kedro.world.vocabulary import HEADS, subject_prompt, world_hash
+from prefgen_kedro.world.vocabulary import HEADS, subject_prompt
 
 
 class RenderSetParams(StrictParams):
@@ -174,11 +176,17 @@ def make_render_sets(
     )
 
 
-def _fingerprint(renders: RenderSet, architecture: StrictParams) -> str:
-    """What a trainer's checkpoints depend on besides its TrainConfig."""
-    return (
-        f"world={world_hash()} renders={len(renders.images)}x{renders.images.shape[1]} "
-        f"first_caption={renders.captions[0]!r} arch={architecture.model_dump_json()}"
+def _key(
+    params: StrictParams, renders: RenderSet, *, watching: Iterable[str] = (), **inputs: object
+) -> RunKey:
+    """A foundation trainer's run key: its parameters (but the TrainConfig, which keys the
+    run itself, and the ``watching`` ones, which only watch it train), every render with
+    its caption, and ``inputs`` (the models it reads)."""
+    return run_key(
+        params.model_dump(exclude={"train", *watching}),
+        renders=renders,
+        captions=renders.captions,
+        **inputs,
     )
 
 
@@ -191,10 +199,10 @@ def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> di
     return {
         "seed": seed,
         "steps": result.steps,
-        # Time of this call; a run resumed from a checkpoint (resumed_from_step) trained
+        # Time of this call; a run resumed from a checkpoint (run.resumed_from) trained
         # those steps in an earlier call.
         "wall_seconds": time.perf_counter() - started,
-        "resumed_from_step": result.resumed_from,
+        "run": result.record(),
         "metrics": metrics,
         "learning_curve": [
             {"step": entry["step"], "loss": round(entry["loss"], 4)} for entry in result.history
@@ -227,8 +235,7 @@ def _train_clip(
         params.train,
         checkpoint_root=checkpoint_root,
         name=name,
-        fingerprint=_fingerprint(renders, params.architecture)
-        + f" head_weight={params.head_weight}",
+        key=_key(params, renders, input_ids=input_ids),
     )
 
 
@@ -294,7 +301,7 @@ def train_attribute_oracle(
         params.train,
         checkpoint_root=checkpoint_root,
         name="attribute_oracle",
-        fingerprint=_fingerprint(renders, params.architecture),
+        key=_key(params, renders),
     )
     model = _round_to_half(model)
     metrics = head_accuracy(model, heldout.images, heldout.labels())
@@ -340,11 +347,13 @@ def train_base_diffusion(
         params.train,
         checkpoint_root=checkpoint_root,
         name="base_unet",
-        fingerprint=_fingerprint(renders, arch)
-        + f" text={conditioning_clip.config.text_config.to_json_string()}"
-        + f" loss={params.noise_schedule.model_dump_json()} {params.caption_dropout}"
-        + f" {params.snr_gamma}"
-        + (f" category_dropout={params.category_dropout}" if params.category_dropout else ""),
+        key=_key(
+            params,
+            renders,
+            watching=("sampling", "grid_every", "grid_captions", "eval_captions"),
+            conditioning_clip=conditioning_clip,
+            clip_tokenizer=clip_tokenizer,
+        ),
         on_log=grid_writer(
             unet,
             noise_scheduler,
@@ -425,12 +434,7 @@ def pretrain_mllm(
     """The tiny MLLM (stands in for a hub MLLM), pretrained through ``params.stages`` on
     the conditioning CLIP's frozen vision tower; shipped in fp16 (see ``pretrain``)."""
     model, processor, report = pretrain(
-        renders,
-        heldout,
-        conditioning_clip,
-        params,
-        checkpoint_root=checkpoint_root,
-        fingerprint=_fingerprint(renders, params.architecture),
+        renders, heldout, conditioning_clip, params, checkpoint_root=checkpoint_root
     )
     return model.half(), processor, report
 
@@ -494,7 +498,7 @@ def _manifest_entry(model: torch.nn.Module, report: dict, directory: str) -> dic
         metrics=report["metrics"],
         extra={
             "steps": report["steps"],
-            "resumed_from_step": report["resumed_from_step"],
+            "run": report["run"],
             "learning_curve": report["learning_curve"],
         },
     )

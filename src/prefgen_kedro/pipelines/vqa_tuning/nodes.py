@@ -43,7 +43,8 @@ from prefgen_kedro.models.vqa import (
 )
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.pipelines.pictures import load_pictures
-from prefgen_kedro.training import TrainConfig, train, weights_digest
+from prefgen_kedro.provenance import run_key
+from prefgen_kedro.training import TrainConfig, shaping_settings, train
 
 
 class VqaStage(StrictParams):
@@ -123,8 +124,8 @@ def tune_mllm(
     """Tune ``mllm`` through the K stages; returns the tuned model (LoRA merged) and the
     training report: per-stage histories, the learning curve and questions/s."""
     pictures = load_pictures(raw_images)
-    validation = examples_from_table(vqa_examples[vqa_examples["split"] == "val"])
-    watched = validation[: params.curve_questions]
+    validation_rows = vqa_examples[vqa_examples["split"] == "val"]
+    watched = examples_from_table(validation_rows)[: params.curve_questions]
     model = mllm
     if params.lora is not None:
         model = add_lora(mllm, **params.lora.model_dump())
@@ -132,17 +133,29 @@ def tune_mllm(
     frozen = {id(p) for p in frozen_parameters(mllm)}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
-    # Without the starting weights a new pretrained MLLM would resume the previous one's runs.
-    start = weights_digest(mllm)
+    # The first stage starts from ``mllm``, each later one from the stage before it: the keys
+    # chain, so a new pretrained MLLM (one changed weight) trains every stage afresh.
+    key = run_key(
+        params.model_dump(exclude={"checkpoint_root", "stages"}),
+        start=mllm,
+        processor=processor,
+        watched=validation_rows.iloc[: params.curve_questions],
+        watched_pictures=_pictures_of(watched, pictures),
+    )
     curve: list[dict] = []
     stages: list[dict] = []
     questions_before = 0
     started = time.perf_counter()
     for index, stage in enumerate(params.stages):
-        examples = examples_from_table(
-            vqa_examples[(vqa_examples["split"] == "train") & (vqa_examples["stage"] == index)]
-        )
+        rows = vqa_examples[(vqa_examples["split"] == "train") & (vqa_examples["stage"] == index)]
+        examples = examples_from_table(rows)
         dataset = VqaDataset(examples, pictures, processor, slot_positions=params.slot_positions)
+        key = run_key(
+            {"stage": stage.model_dump(exclude={"train"}), "train": shaping_settings(stage.train)},
+            previous=key,
+            examples=rows,
+            pictures=_pictures_of(examples, pictures),
+        )
 
         result = train(
             model,
@@ -151,9 +164,7 @@ def tune_mllm(
             stage.train,
             checkpoint_root=params.checkpoint_root,
             name=f"vqa_tuning_stage{index}",
-            fingerprint=f"start={start} examples={_examples_fingerprint(examples)} "
-            f"lora={params.lora} loss={params.answer_loss} "
-            f"previous={[s.model_dump_json() for s in params.stages[:index]]}",
+            key=key,
             collate_fn=dataset.collate,
             trainable_parameters=trainable,
             on_log=_validation_scorer(
@@ -181,7 +192,7 @@ def tune_mllm(
                 "stage": index,
                 "k": stage.k,
                 "steps": result.steps,
-                "resumed_from_step": result.resumed_from,
+                "run": result.record(),
                 "questions_per_context": stage.questions_per_context,
                 "wall_seconds": round(result.wall_seconds, 1),
                 # Of the steps this run trained; none when the checkpoint was already final.
@@ -311,8 +322,15 @@ def _hits(p_yes: np.ndarray, labels: np.ndarray) -> float:
     return float(((p_yes > 0.5) == (labels == LIKED)).mean())
 
 
-def _examples_fingerprint(examples: Sequence[VqaExample]) -> str:
-    return f"{len(examples)} first={examples[0]} last={examples[-1]}"
+def _pictures_of(
+    examples: Sequence[VqaExample], pictures: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The pictures ``examples`` show (context and query), by image id."""
+    return {
+        image_id: pictures[image_id]
+        for example in examples
+        for image_id in (*example.liked, *example.disliked, example.query)
+    }
 
 
 def _learning_curve_figure(curve: Sequence[dict], metrics: dict) -> plt.Figure:
