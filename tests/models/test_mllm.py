@@ -548,6 +548,30 @@ def test_inference_is_batched_and_padding_free(world, examples, processor, slot_
 
     answers = inference.answer(contexts, queries)
     assert len(answers) == 4 and all(isinstance(answer, str) for answer in answers)
+    # each (padded, batched) answer is the greedy continuation of its prompt alone, every
+    # new token recomputed from the whole sequence, one position after the last
+    tokenizer = processor.tokenizer
+    for context, query, answer in zip(contexts, queries, answers, strict=True):
+        item = encode_vqa(processor, context, query, slot_positions=slot_positions)
+        sequence = collate_vqa([item], pad_token_id=tokenizer.pad_token_id)
+        tokens = []
+        for step in range(5):
+            with torch.inference_mode():
+                logits = model(**sequence).logits[0, -1]
+            if step == 0:  # the first answer token is "Yes" or "No", as the judge reads it
+                logits = logits[[inference.yes_id, inference.no_id]]
+                token = (inference.yes_id, inference.no_id)[int(logits.argmax())]
+            else:
+                token = int(logits.argmax())
+            tokens.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+            sequence["input_ids"] = torch.cat([sequence["input_ids"], torch.tensor([[token]])], 1)
+            sequence["attention_mask"] = torch.ones_like(sequence["input_ids"])
+            if slot_positions:
+                last = sequence["position_ids"][:, -1:]
+                sequence["position_ids"] = torch.cat([sequence["position_ids"], last + 1], 1)
+        assert answer == tokenizer.decode(tokens, skip_special_tokens=True).strip()
     # greedy generation continues the prompt's positions: it equals teacher-forced argmax
     item = encode_vqa(processor, contexts[0], queries[0], slot_positions=slot_positions)
     prompt = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)

@@ -260,6 +260,21 @@ def test_the_taste_head_reads_the_taste_question_and_scores_its_users(
         assert batch["labels"][row, position + 1] != IGNORE_INDEX
         liked = batch["taste_targets"][row, : len(ATTRIBUTE_IDS)].nonzero().squeeze(1)
         assert {ATTRIBUTE_IDS[i] for i in liked.tolist()} == set(user.liked)
+    # without the answer, the head alone scores a taste sample: its state is the last token
+    silent = SimulatedUserVqa(
+        pool,
+        processor,
+        features,
+        n_samples=4,
+        seed=2,
+        k=(2, 3),
+        taste_probability=1.0,
+        taste_targets=True,
+        taste_answer=False,
+    )
+    for item in (silent[i] for i in range(4)):
+        assert (item["labels"] == IGNORE_INDEX).all()
+        assert int(item["taste_position"]) == len(item["input_ids"]) - 1
     head = TasteHead(model, len(ATTRIBUTE_IDS))
     loss, metrics = taste_head_loss(head, batch, weight=2.0)
     answer_only, _ = taste_head_loss(head, batch, weight=0.0)

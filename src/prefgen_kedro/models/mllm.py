@@ -1072,23 +1072,56 @@ class MllmPreferenceModel:
         answers = []
         for batch in self._batches(contexts, queries, question):
             prompt_length = batch["input_ids"].shape[1]
-            first_token = (
-                [_FirstTokenAmong((self.yes_id, self.no_id), prompt_length)]
-                if question == QUESTION
-                else []
-            )
-            generated = self.model.generate(
-                **batch,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                logits_processor=LogitsProcessorList(first_token),
-            )
-            answers += tokenizer.batch_decode(
-                generated[:, prompt_length:], skip_special_tokens=True
-            )
+            first_tokens = (self.yes_id, self.no_id) if question == QUESTION else None
+            if "position_ids" in batch:
+                generated = self._greedy_with_positions(batch, first_tokens)
+            else:
+                generated = self.model.generate(
+                    **batch,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    logits_processor=LogitsProcessorList(
+                        [_FirstTokenAmong(first_tokens, prompt_length)] if first_tokens else []
+                    ),
+                )[:, prompt_length:]
+            answers += tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [text.strip() for text in answers]
+
+    def _greedy_with_positions(
+        self, batch: Mapping[str, torch.Tensor], first_tokens: Sequence[int] | None
+    ) -> torch.Tensor:
+        """Greedy decoding of a batch with its own position ids (slot positions), each new
+        token one position after the last: ``generate`` builds its masks from position ids,
+        and ids that restart (every image slot does) read there as packed sequences, which
+        changed even the first answer token. (N, new tokens); pad after an eos."""
+        tokenizer = self.processor.tokenizer
+        output = self.model(**batch, use_cache=True)
+        mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
+        done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+        tokens = []
+        for step in range(self.max_new_tokens):
+            logits = output.logits[:, -1].float()
+            if step == 0 and first_tokens:
+                allowed = torch.full_like(logits, float("-inf"))
+                allowed[:, list(first_tokens)] = 0.0
+                logits = logits + allowed
+            token = logits.argmax(dim=-1).masked_fill(done, tokenizer.pad_token_id)
+            tokens.append(token)
+            done |= token == tokenizer.eos_token_id
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions + 1
+            output = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=output.cache,
+                use_cache=True,
+            )
+        return torch.stack(tokens, dim=1)
 
     def _batches(
         self,

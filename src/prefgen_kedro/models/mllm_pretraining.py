@@ -417,11 +417,7 @@ class SimulatedUserVqa(_Task):
                     question=TASTE_QUESTION,
                 ),
             )
-            if self.taste_answer:
-                answer = answer_token_sequence(self.processor.tokenizer, self.taste(question))
-                prompt = append_answer(prompt, answer)
-            else:
-                prompt = {**prompt, "labels": torch.full_like(prompt["input_ids"], IGNORE_INDEX)}
+            # The state the head reads: the prompt's last token, where the answer starts.
             extra = (
                 {
                     "taste_position": torch.tensor([len(prompt["input_ids"]) - 1]),
@@ -430,7 +426,12 @@ class SimulatedUserVqa(_Task):
                 if self.taste_targets
                 else {}
             )
-            return self._sample(prompt, context, **extra)
+            if self.taste_answer:
+                answer = answer_token_sequence(self.processor.tokenizer, self.taste(question))
+                sample = append_answer(prompt, answer)
+            else:
+                sample = {**prompt, "labels": torch.full_like(prompt["input_ids"], IGNORE_INDEX)}
+            return self._sample(sample, context, **extra)
         answers = tuple(q.answer for q in (question, *follow_ups))
         layout = self._layout(
             ("preference", k, answers),
