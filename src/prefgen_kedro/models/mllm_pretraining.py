@@ -2,7 +2,7 @@
 
 A hub MLLM arrives able to describe pictures and to compare several of them; a tiny one
 built from a config can do neither, and trained directly on the project's preference VQA it
-stays at chance (issue #5's prototypes). These datasets give it both, on renders and on
+stays at chance (``experiments/matching_saddle.py``). These datasets give it both, on renders and on
 *simulated foundation users* that are drawn afresh for every sample and are never the
 project's users:
 

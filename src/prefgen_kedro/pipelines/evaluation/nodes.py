@@ -594,7 +594,7 @@ def write_benchmark_report(
 
 
 def _verdict(metrics: pd.DataFrame, ours: str) -> str:
-    """The issue's bar, stated from the measured numbers."""
+    """The project's bar for PrefGen, stated from the measured numbers."""
     indexed = metrics.set_index(["method", "metric"])["mean"]
     if (ours, "like_rate") not in indexed or ("base", "like_rate") not in indexed:
         return "No oracle like-rate for both the reference method and `base`: no verdict."
