@@ -41,6 +41,7 @@ def test_aligners_are_reused_for_the_same_contexts_only(tmp_path: Path) -> None:
     params = AlignmentParams(
         checkpoint_root=str(tmp_path),
         hidden_dim=8,
+        tokens=2,
         bandwidth_factors=[1.0],
         retrieval_k=1,
         train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3),
@@ -50,7 +51,7 @@ def test_aligners_are_reused_for_the_same_contexts_only(tmp_path: Path) -> None:
             f"u{u}": torch.randn(3, 6, generator=torch.Generator().manual_seed(u)) for u in range(4)
         }
     }
-    train = lambda frame: reused(train_aligners(frame, targets, params)[2])  # noqa: E731
+    train = lambda frame: reused(train_aligners(frame, targets, params)[1])  # noqa: E731
     frame = contexts(users=4, per_user=3)
     assert train(frame) == {"prefgen": False, "prefgen_no_mmd": False}
     assert train(frame) == {"prefgen": True, "prefgen_no_mmd": True}
