@@ -21,7 +21,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 foundation: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/kedro run --pipeline foundation
+	HF_HUB_OFFLINE=1 $(BIN)/kedro run --pipelines foundation
 
 benchmarks: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run_all

@@ -78,7 +78,7 @@ def run(quick: bool = False) -> Comparison:
         lambda: _bare_step(bare, scheduler, optimizer, batch, autocast=precision == "bf16"),
         warmup=warmup,
         repeats=repeats,
-        trainable_parameters=list(adapter.parameters()),
+        trainable_parameters=adapter.trainable_parameters(key_values=False),
         description="benchmark: user branch",
     )
     size = unet.config.sample_size

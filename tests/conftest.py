@@ -31,6 +31,9 @@ from prefgen_kedro.data.pickapic import SOURCE
 from prefgen_kedro.data.tables import IMAGES_COLUMNS, INTERACTIONS_COLUMNS, USERS_COLUMNS
 from prefgen_kedro.models.clip import build_conditioning_clip
 
+# Runs in tests are not tracked (one test turns tracking on for its own runs).
+os.environ["PREFGEN_TRACKING"] = "off"
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Where ``smoke`` writes everything, below a project (conf/smoke/globals.yml).
 SMOKE_DATA = Path("data") / "smoke"

@@ -15,7 +15,7 @@ def test_current_world_passes():
 
 
 def test_other_world_stops_with_the_command_to_run():
-    with pytest.raises(StaleFoundationError, match="kedro run --pipeline foundation"):
+    with pytest.raises(StaleFoundationError, match="kedro run --pipelines foundation"):
         require_current_world({"oracle": {"world_hash": "0123456789abcdef"}}, "oracle")
 
 

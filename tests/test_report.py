@@ -35,7 +35,7 @@ def test_metric_table_bolds_the_best_contender_in_each_direction():
 
 def test_report_writes_the_same_blocks_as_markdown_and_self_contained_html():
     report = Report("Bench")
-    report.heading("Main")
+    report.heading("Main: `prefgen`")
     report.paragraph("Made by `kedro run`.")
     report.table(*metric_table(METRICS, ["a", "b"], COLUMNS))
     figure = Figure(figsize=(2, 2))
@@ -45,9 +45,10 @@ def test_report_writes_the_same_blocks_as_markdown_and_self_contained_html():
     report.figure("grid", grid, "Grid <one>.")
 
     markdown = report.to_markdown("figs")
-    assert markdown.startswith("# Bench\n") and "## Main" in markdown
+    assert markdown.startswith("# Bench\n") and "## Main: `prefgen`" in markdown
     assert "| b | **70 [60, 80]** |" in markdown and "![Bars.](figs/bars.png)" in markdown
     page = report.to_html()
+    assert "<h2>Main: <code>prefgen</code></h2>" in page
     assert "<code>kedro run</code>" in page and "<b>70 [60, 80]</b>" in page
     assert "Grid &lt;one&gt;." in page
     # every image is inlined: nothing for a browser to fetch

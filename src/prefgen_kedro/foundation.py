@@ -60,12 +60,12 @@ def require_current_world(manifest: Mapping[str, Mapping], model_name: str) -> N
     if model_name not in manifest:
         raise StaleFoundationError(
             f"the foundation manifest has no entry {model_name!r} (it has "
-            f"{sorted(manifest)}); run `kedro run --pipeline foundation`"
+            f"{sorted(manifest)}); run `kedro run --pipelines foundation`"
         )
     made_for = manifest[model_name].get("world_hash")
     if made_for != world_hash():
         raise StaleFoundationError(
             f"foundation model {model_name!r} was made for agent world {made_for}, but the "
             f"world is now {world_hash()} (its vocabulary or renderer changed); remake the "
-            "foundation models with `kedro run --pipeline foundation`"
+            "foundation models with `kedro run --pipelines foundation`"
         )

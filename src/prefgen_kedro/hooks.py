@@ -12,6 +12,8 @@
   new MLLM), naming both; it refuses a run that would write into a ``read_only_dirs`` folder
   (``globals.yml``); and it hands a node that takes ``input_lineage`` the lineage of its
   other inputs (the benchmark lists the models it evaluated).
+- ``TrackingHook`` records every ``kedro run`` as an MLflow run (``tracking``): parameters,
+  the reports' numbers and files, and the provenance digest of every dataset it wrote.
 - ``ConsoleErrorHook`` ends a failed ``kedro run`` with the failing node and its message, not
   with a page of library frames: bad input (``BadInputError``, a parameter error) gets the
   message alone, any other error the project's own frames; the full traceback goes to
@@ -35,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import mlflow
 from kedro.framework.hooks import hook_impl
 from kedro.validation.exceptions import ParameterValidationError
 from kedro_datasets.json import JSONDataset
@@ -47,6 +50,14 @@ from prefgen_kedro.provenance import (
     files_digest,
     require_consistent,
     write_json_atomic,
+)
+from prefgen_kedro.tracking import (
+    REPORT_ARTIFACTS,
+    flat_parameters,
+    log_artifact,
+    start_tracked_run,
+    tracked_metrics,
+    tracking_enabled,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,11 +77,7 @@ class RunInfoHook:
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
-        command = (
-            shlex.join(["kedro", *sys.argv[1:]])
-            if sys.argv and sys.argv[0].endswith("kedro")
-            else _equivalent_command(run_params)
-        )
+        command = _command(run_params)
         self._info = {
             "command": command,
             "env": run_params.get("env") or "local",
@@ -79,7 +86,7 @@ class RunInfoHook:
             "nodes": [],
         }
         self._runs = {}
-        catalog["run_info"] = self._info
+        catalog.save("run_info", self._info)  # declared in the catalog: no "replacing" warning
 
     @hook_impl
     def before_node_run(self, node: Any) -> None:
@@ -97,7 +104,7 @@ class RunInfoHook:
                 "peak_rss_gb": round(_peak_memory_bytes() / 2**30, 3),
             }
         )
-        catalog["run_info"] = self._info  # a report node loading it sees every node so far
+        catalog.save("run_info", self._info)  # a report node loading it sees every node so far
 
     @hook_impl
     def after_pipeline_run(self, catalog: Any) -> None:
@@ -151,6 +158,13 @@ def _peak_memory_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _command(run_params: dict[str, Any]) -> str:
+    """The command line of this run: as typed, or its equivalent for an in-process run."""
+    if sys.argv and sys.argv[0].endswith("kedro"):
+        return shlex.join(["kedro", *sys.argv[1:]])
+    return _equivalent_command(run_params)
 
 
 def _equivalent_command(run_params: dict[str, Any]) -> str:
@@ -296,12 +310,86 @@ class ProvenanceHook:
                 raise BadInputError(
                     f"this run would write {name} into {path}, but {folder} is read-only in "
                     "this environment (globals.yml: read_only_dirs); the shipped foundation "
-                    "checkpoints are made by `kedro run --pipeline foundation` on base"
+                    "checkpoints are made by `kedro run --pipelines foundation` on base"
                 )
 
 
 # Errors whose message is the whole story: no traceback on the console.
 _PLAIN_ERRORS = (BadInputError, ParameterValidationError)
+
+
+class TrackingHook:
+    """Records every ``kedro run`` as an MLflow run in a local store below the environment's
+    data root (``<data_root>/tracking``: ``mlflow.db`` and ``artifacts/``): its command,
+    environment and pipelines as tags, every parameter (one per key), the numbers of the
+    reports (``tracking.REPORT_METRICS``), the report files (``tracking.REPORT_ARTIFACTS``)
+    and the provenance digest of every dataset it wrote. ``PREFGEN_TRACKING=off`` turns it
+    off."""
+
+    def __init__(self) -> None:
+        self._catalog: Any = None
+        self._context: Any = None
+        self._on = False
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self._context = context
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], catalog: Any) -> None:
+        self._catalog = catalog
+        self._on = tracking_enabled()
+        if not self._on:
+            return
+        data_root = self._context.config_loader["globals"]["data_root"]
+        store = Path(self._context.project_path) / data_root / "tracking"
+        start_tracked_run(
+            store,
+            run_name="+".join(run_params.get("pipeline_names") or ["__default__"]),
+            tags={
+                "command": _command(run_params),
+                "env": run_params.get("env") or "local",
+                "pipelines": ",".join(run_params.get("pipeline_names") or ["__default__"]),
+            },
+            params=flat_parameters(self._context.params),
+        )
+
+    @hook_impl
+    def after_node_run(self, outputs: dict[str, Any]) -> None:
+        if not self._on:
+            return
+        for name, value in outputs.items():
+            if metrics := tracked_metrics(name, value):
+                mlflow.log_metrics(metrics)
+
+    @hook_impl(trylast=True)  # after ProvenanceHook has written the dataset's record
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        if not self._on:
+            return
+        described = self._catalog.get(dataset_name, fallback_to_runtime_pattern=True)._describe()
+        location = described.get("filepath") or described.get("path")
+        if location is None:
+            return
+        path = Path(str(location))
+        ledger = self._ledger() / f"{dataset_name}.json"
+        if ledger.is_file():
+            mlflow.set_tag(f"digest.{dataset_name}", json.loads(ledger.read_text())["digest"])
+        if dataset_name in REPORT_ARTIFACTS and path.exists():
+            log_artifact(path)
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        if self._on:
+            mlflow.end_run()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        if self._on:
+            mlflow.end_run(status="FAILED")
+
+    def _ledger(self) -> Path:
+        data_root = self._context.config_loader["globals"]["data_root"]
+        return Path(self._context.project_path) / data_root / "provenance"
 
 
 class ConsoleErrorHook:

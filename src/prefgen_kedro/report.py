@@ -76,11 +76,11 @@ class Report:
 
     def to_html(self) -> str:
         """One page, no external files: figures are inlined."""
-        body = [f"<h1>{html.escape(self.title)}</h1>"]
+        body = [f"<h1>{_inline_code(self.title)}</h1>"]
         for block in self.blocks:
             kind = block[0]
             if kind == "heading":
-                body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+                body.append(f"<h{block[1]}>{_inline_code(block[2])}</h{block[1]}>")
             elif kind == "paragraph":
                 body.append(f"<p>{_inline_code(block[1])}</p>")
             elif kind == "table":
@@ -91,7 +91,7 @@ class Report:
                 body.append(
                     f'<figure><img alt="{html.escape(caption)}" '
                     f'src="data:image/png;base64,{data}"/>'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                    f"<figcaption>{_inline_code(caption)}</figcaption></figure>"
                 )
         return _PAGE.format(title=html.escape(self.title), body="\n".join(body))
 

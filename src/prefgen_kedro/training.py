@@ -58,9 +58,9 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from prefgen_kedro.console import progress
 from prefgen_kedro.precision import effective_precision
 from prefgen_kedro.provenance import RunKey, write_json_atomic
 
@@ -313,7 +313,7 @@ def _run_steps(
         config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     )
     window = state["window"]
-    progress = tqdm(
+    bar = progress(
         total=config.max_steps,
         initial=state["step"],
         desc=description,
@@ -342,8 +342,8 @@ def _run_steps(
             window["count"] += 1
             state["step"] = step
             running = window["sums"]["loss"] / window["count"]
-            progress.update(1)
-            progress.set_postfix(loss=f"{running:.4g}", refresh=False)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4g}", refresh=False)
 
             if step % config.log_every == 0 or step == config.max_steps:
                 entry = {
@@ -359,7 +359,7 @@ def _run_steps(
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 last_checkpoint = _save_checkpoint(accelerator, run_dir, state, config)
     finally:
-        progress.close()
+        bar.close()
         close = getattr(batches, "close", None)
         if close is not None:
             close()  # stops DataLoader workers of an unfinished epoch now, not at GC

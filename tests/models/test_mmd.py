@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from prefgen_kedro.models.mmd import gaussian_mmd2
+from prefgen_kedro.models.mmd import gaussian_gram, gaussian_mmd2, weighted_mmd2
 
 
 def reference_mmd2(x: np.ndarray, y: np.ndarray, factors) -> float:
@@ -62,3 +62,22 @@ def test_leading_dimensions_give_one_value_each_and_y_broadcasts():
     batched = gaussian_mmd2(x, y)
     assert batched.shape == (3,)
     assert torch.allclose(batched, torch.stack([gaussian_mmd2(item, y) for item in x]), atol=1e-6)
+
+
+def test_weighted_mmd2_of_uniform_weights_is_the_biased_sample_mmd2():
+    """Weights uniform on two subsets of the points give the V-statistic MMD² of the two
+    samples under the same kernel: mean K within each, minus twice the mean across."""
+    torch.manual_seed(0)
+    points = torch.randn(6, 3, dtype=torch.float64)
+    gram = gaussian_gram(points)
+    first, second = [0, 1, 2], [3, 4]
+    p = torch.zeros(6, dtype=torch.float64)
+    q = torch.zeros(6, dtype=torch.float64)
+    p[first], q[second] = 1 / 3, 1 / 2
+    expected = (
+        gram[first][:, first].mean()
+        + gram[second][:, second].mean()
+        - 2 * gram[first][:, second].mean()
+    )
+    assert weighted_mmd2(p, q, gram).item() == pytest.approx(expected.item(), rel=1e-12)
+    assert weighted_mmd2(p, p, gram).item() == pytest.approx(0.0, abs=1e-15)

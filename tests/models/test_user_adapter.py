@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file
 
 from prefgen_kedro.models.batches import TensorDictDataset
 from prefgen_kedro.models.diffusion import DiffusionLoss, build_noise_scheduler, build_unet
 from prefgen_kedro.models.user_adapter import (
     UserAdapter,
+    UserAttnProcessor,
     UserBranches,
     UserConditionedUnet,
     choose_image_embedding,
@@ -87,6 +88,8 @@ def test_branch_is_added_to_the_text_attention():
     with torch.no_grad():
         plain = unet(noisy, 10, encoder_hidden_states=text).sample
     adapter = UserAdapter.for_unet(unet, PARTS, tokens_per_part=2)
+    assert torch.equal(adapter.tokens(parts()), torch.zeros(2, 6, 8))  # projected: zero at first
+    torch.nn.init.ones_(adapter.norm.weight)  # as after some training
     tokens = adapter.tokens(parts())
     outputs = {}
     for scale in (0.0, 1.0):
@@ -102,6 +105,28 @@ def test_branch_is_added_to_the_text_attention():
     assert not torch.allclose(outputs[1.0], plain, atol=1e-3)
     # the null condition is zero parts of the same shapes
     assert all((v == 0).all() for v in null_parts(adapter, parts()).values())
+
+
+def test_each_part_of_the_user_tokens_gets_its_own_attention():
+    """A part's attention is not diluted by another part's tokens: the branch adds the sum of
+    one attention per part (a lone part gives what it gives alone)."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=8, heads=2, dim_head=4).eval()
+    to_k, to_v = torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False)
+    hidden, text, tokens = torch.randn(2, 6, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+
+    def added(groups, user_tokens):
+        processor = UserAttnProcessor(to_k, to_v, 1.0, groups)
+        with torch.no_grad():
+            return processor(attn, hidden, text, user_tokens=user_tokens) - without_user
+
+    with torch.no_grad():
+        without_user = UserAttnProcessor()(attn, hidden, text)
+    both = added([2, 3], tokens)
+    torch.testing.assert_close(both, added(None, tokens[:, :2]) + added(None, tokens[:, 2:]))
+    assert not torch.allclose(both, added(None, tokens), atol=1e-4)  # one softmax over all
+    adapter = UserAdapter.for_unet(tiny_unet(), {"e_sem_hat": 16, "e_img": 4}, 3, ["e_sem_hat"])
+    assert adapter.token_groups() == [2, 3]
 
 
 def test_training_moves_only_the_adapter(tmp_path):
@@ -122,12 +147,14 @@ def test_training_moves_only_the_adapter(tmp_path):
         TrainConfig(max_steps=3, batch_size=4, learning_rate=1e-2, checkpoint_every=10),
         checkpoint_root=str(tmp_path),
         name="adapter",
-        trainable_parameters=list(adapter.parameters()),
+        trainable_parameters=adapter.trainable_parameters(key_values=False),
     )
     assert all(torch.equal(v, before_unet[k]) for k, v in unet.state_dict().items())
     changed = [k for k, v in adapter.state_dict().items() if not torch.equal(v, before_adapter[k])]
-    assert any(k.startswith("projections") for k in changed)
-    assert any(k.startswith("to_k") for k in changed) and any(k.startswith("to_v") for k in changed)
+    assert any(k.startswith("projections") for k in changed) and "norm.weight" in changed
+    # the user key/values stay the text ones unless asked to train
+    assert not any(k.startswith(("to_k", "to_v")) for k in changed)
+    assert len(adapter.trainable_parameters(key_values=True)) == len(list(adapter.parameters()))
     adapter.save_pretrained(tmp_path / "saved")
     loaded = UserAdapter.from_pretrained(tmp_path / "saved")
     # (the config may come back with the parts reordered: attention is order-free over keys)

@@ -41,15 +41,15 @@ def test_aligners_are_reused_for_the_same_contexts_only(tmp_path: Path) -> None:
     params = AlignmentParams(
         checkpoint_root=str(tmp_path),
         hidden_dim=8,
+        dropout=0.0,
         tokens=2,
         bandwidth_factors=[1.0],
         retrieval_k=1,
         train=TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-3),
     )
     targets = {
-        "targets": {
-            f"u{u}": torch.randn(3, 6, generator=torch.Generator().manual_seed(u)) for u in range(4)
-        }
+        "vocabulary": torch.randn(5, 6, generator=torch.Generator().manual_seed(0)),
+        "phrase_ids": {f"u{u}": [u, u + 1] for u in range(4)},
     }
     train = lambda frame: reused(train_aligners(frame, targets, params)[1])  # noqa: E731
     frame = contexts(users=4, per_user=3)

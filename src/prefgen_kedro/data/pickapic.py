@@ -56,8 +56,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
+from prefgen_kedro.console import progress
 from prefgen_kedro.data.splits import assign_splits
 from prefgen_kedro.data.tables import (
     DISLIKED,
@@ -145,7 +145,7 @@ def ingest_pickapic(
 
     choices_by_shard = [
         _count_decisive_choices(shard, batch_size, report)
-        for shard in tqdm(shards, desc="Pick-a-Pic: count choices", unit="shard")
+        for shard in progress(shards, desc="Pick-a-Pic: count choices", unit="shard")
     ]
     choices: Counter[str] = Counter()
     for shard_choices in choices_by_shard:
@@ -182,7 +182,7 @@ def ingest_pickapic(
     store = _ImageStore(image_size, images_subdir)
     interaction_rows: list[dict[str, Any]] = []
     decoded = _in_shard_order(jobs, workers)
-    for shard_pairs in tqdm(decoded, total=len(jobs), desc="Pick-a-Pic: decode", unit="shard"):
+    for shard_pairs in progress(decoded, total=len(jobs), desc="Pick-a-Pic: decode", unit="shard"):
         for pair in shard_pairs.pairs:
             interaction_rows.extend(_ingest_pair(pair, shard_pairs.pixels, store, report))
 

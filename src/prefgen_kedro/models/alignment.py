@@ -1,23 +1,29 @@
 """PrefGen step 3: map the MLLM's semantic user embedding into the diffusion text space.
 
-An MLP takes ``e_sem`` (one per context of a user) to a few tokens of the conditioning text
-encoder's pooled space (the EOS token's final state, the space the UNet's cross-attention
-reads). Its target for a training user is the *set* of text embeddings of that user's
-attribute phrases (agent world: the liked attributes; Pick-a-Pic: captions of liked images).
-Its inputs are standardised with the training contexts' mean and spread, kept in the
-checkpoint: an MLLM state varies across users in a small part of its norm, and unstandardised
-that part is lost beside the shared one.
+The targets live in the conditioning text encoder's pooled space (the EOS token's final
+state, the space the UNet's cross-attention reads): a vocabulary of phrase states (agent
+world: every attribute's phrase; Pick-a-Pic: the liked images' captions), and for each
+training user the *set* of its phrases (the liked attributes; its liked images' captions).
+An MLP takes ``e_sem`` (one per context of a user) to a distribution over that vocabulary;
+``ê_sem`` is the states of its ``tokens`` most probable phrases, text-space points the
+user branch reads like words. Its inputs are standardised with the training contexts' mean
+and spread, kept in the checkpoint: an MLLM state varies across users in a small part of its
+norm, and unstandardised that part is lost beside the shared one.
 
-- ``mmd`` (PrefGen): for every context of a user, the multi-kernel Gaussian MMD² between
-  its mapped tokens and the user's target set, averaged over the contexts and users of a
-  batch: distributions are matched, so one context's tokens spread over the phrases its user
-  likes.
-- ``mse`` (the ``no_mmd`` ablation): each mapped token regresses onto one of the user's
-  targets, drawn at random; its optimum is their mean, which collapses diversity.
+- ``mmd`` (PrefGen): for every context of a user, the multi-kernel Gaussian MMD² between the
+  aligner's distribution and the user's target set (uniform on its phrases), both on the
+  vocabulary's points, averaged over the contexts and users of a batch: distributions are
+  matched, so a context's mass spreads over the phrases its user likes.
+- ``mse`` (the ``no_mmd`` ablation): the distribution's mean point regresses onto one of the
+  user's targets, drawn at random; its optimum is their mean, which blurs the distribution.
+
+Mapping to free points instead (a linear output layer, the earlier design) kept the MMD's
+diversity but seldom put a token near a liked phrase, and the branch reads ê_sem as words
+(experiments/README.md).
 
 Public API: ``ALIGNER_VARIANTS`` (``AlignerVariant``), ``AlignmentMlp``, ``Aligners``,
-``UserSetsDataset``, ``alignment_loss``, ``text_embeddings``, ``attribute_retrieval``,
-``mean_pairwise_cosine_distance``, ``set_mmd2``.
+``UserSetsDataset``, ``alignment_loss``, ``text_embeddings``, ``attribute_phrase_embeddings``,
+``phrase_retrieval``, ``mean_pairwise_cosine_distance``, ``set_mmd2``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS, gaussian_mmd2
+from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS, gaussian_mmd2, weighted_mmd2
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute
 
 Objective = Literal["mmd", "mse"]
@@ -59,23 +65,36 @@ ALIGNER_VARIANTS: dict[str, AlignerVariant] = {
 
 
 class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
-    """``e_sem`` (in_dim) → ``tokens`` text-space tokens (out_dim each), flattened:
-    standardisation with stored statistics, two GELU layers, a linear out."""
+    """``e_sem`` (in_dim) → a distribution over ``vocabulary_size`` text-space phrase states
+    (kept in the checkpoint, each out_dim wide): standardisation with stored statistics, one
+    GELU hidden layer with dropout, a score per phrase."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, tokens: int) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        vocabulary_size: int,
+        hidden_dim: int,
+        tokens: int,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
-        if tokens < 2:
-            raise ValueError(f"the aligner maps to a set of tokens (at least 2), got {tokens}")
+        if not 2 <= tokens <= vocabulary_size:
+            raise ValueError(
+                f"the aligner maps to a set of tokens (at least 2, at most the "
+                f"{vocabulary_size} phrases), got {tokens}"
+            )
         self.tokens = tokens
         self.out_dim = out_dim
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_std", torch.ones(in_dim))
+        self.register_buffer("vocabulary", torch.zeros(vocabulary_size, out_dim))
         self.net = nn.Sequential(
+            nn.Dropout(dropout),
             nn.Linear(in_dim, hidden_dim),
             nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.GELU(),
-            nn.Linear(hidden_dim, tokens * out_dim),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, vocabulary_size),
         )
 
     @torch.no_grad()
@@ -84,13 +103,23 @@ class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
         self.input_mean.copy_(inputs.float().mean(dim=0))
         self.input_std.copy_(inputs.float().std(dim=0).clamp_min(1e-6))
 
+    @torch.no_grad()
+    def set_vocabulary(self, states: torch.Tensor) -> None:
+        """The phrase states (vocabulary_size, out_dim) the distribution is over."""
+        self.vocabulary.copy_(states.float())
+
     def forward(self, e_sem: torch.Tensor) -> torch.Tensor:
-        """(..., in_dim) → (..., tokens × out_dim)."""
+        """(..., in_dim) → a score per phrase (..., vocabulary_size)."""
         return self.net((e_sem - self.input_mean) / self.input_std)
 
+    def distribution(self, e_sem: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) → the phrase probabilities (..., vocabulary_size)."""
+        return self(e_sem).softmax(dim=-1)
+
     def token_sets(self, e_sem: torch.Tensor) -> torch.Tensor:
-        """(..., in_dim) → (..., tokens, out_dim)."""
-        return self(e_sem).unflatten(-1, (self.tokens, self.out_dim))
+        """(..., in_dim) → the states of the ``tokens`` most probable phrases, most probable
+        first (..., tokens, out_dim)."""
+        return self.vocabulary[self(e_sem).topk(self.tokens, dim=-1).indices]
 
 
 class Aligners(nn.Module, PyTorchModelHubMixin):
@@ -112,8 +141,10 @@ class Aligners(nn.Module, PyTorchModelHubMixin):
                 name: {
                     "in_dim": mlp.input_mean.shape[0],
                     "out_dim": mlp.out_dim,
-                    "hidden_dim": mlp.net[0].out_features,
+                    "vocabulary_size": mlp.vocabulary.shape[0],
+                    "hidden_dim": mlp.net[1].out_features,
                     "tokens": mlp.tokens,
+                    "dropout": mlp.net[0].p,
                 }
                 for name, mlp in mlps.items()
             }
@@ -149,17 +180,27 @@ def attribute_phrase_embeddings(
 
 
 class UserSetsDataset(Dataset):
-    """One item per user: its context embeddings (S, in_dim) and target set (T, out_dim)
-    with a mask, so users with different set sizes batch together."""
+    """One item per user: its context embeddings (S, in_dim) and its target set as weights
+    on the vocabulary (uniform on its phrases); contexts are padded and masked, so users with
+    different numbers of contexts batch together."""
 
-    def __init__(self, contexts: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> None:
-        if len(contexts) != len(targets) or not contexts:
-            raise ValueError(f"need one target set per user, got {len(contexts)}/{len(targets)}")
-        empty = [i for i, target in enumerate(targets) if len(target) == 0]
+    def __init__(
+        self,
+        contexts: Sequence[torch.Tensor],
+        target_phrases: Sequence[Sequence[int]],
+        vocabulary_size: int,
+    ) -> None:
+        if len(contexts) != len(target_phrases) or not contexts:
+            raise ValueError(
+                f"need one target set per user, got {len(contexts)}/{len(target_phrases)}"
+            )
+        empty = [i for i, phrases in enumerate(target_phrases) if len(phrases) == 0]
         if empty:
             raise ValueError(f"users {empty[:5]} have an empty target set")
         self.contexts = [c.float() for c in contexts]
-        self.targets = [t.float() for t in targets]
+        self.targets = torch.zeros(len(target_phrases), vocabulary_size)
+        for row, phrases in enumerate(target_phrases):
+            self.targets[row, list(phrases)] = 1.0 / len(phrases)
 
     def __len__(self) -> int:
         return len(self.contexts)
@@ -169,17 +210,14 @@ class UserSetsDataset(Dataset):
 
     @staticmethod
     def collate(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        batch = {}
-        for key in ("contexts", "targets"):
-            longest = max(len(item[key]) for item in items)
-            width = items[0][key].shape[1]
-            values = torch.zeros(len(items), longest, width)
-            mask = torch.zeros(len(items), longest, dtype=torch.bool)
-            for row, item in enumerate(items):
-                values[row, : len(item[key])] = item[key]
-                mask[row, : len(item[key])] = True
-            batch[key], batch[f"{key}_mask"] = values, mask
-        return batch
+        longest = max(len(item["contexts"]) for item in items)
+        contexts = torch.zeros(len(items), longest, items[0]["contexts"].shape[1])
+        mask = torch.zeros(len(items), longest, dtype=torch.bool)
+        for row, item in enumerate(items):
+            contexts[row, : len(item["contexts"])] = item["contexts"]
+            mask[row, : len(item["contexts"])] = True
+        targets = torch.stack([item["targets"] for item in items])
+        return {"contexts": contexts, "contexts_mask": mask, "targets": targets}
 
 
 def alignment_loss(
@@ -187,22 +225,21 @@ def alignment_loss(
     batch: Mapping[str, torch.Tensor],
     *,
     objective: Objective,
-    bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS,
+    gram: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``compute_loss`` for the shared trainer: the mean over the batch's (unpadded)
-    contexts of the MMD² between a context's mapped tokens and its user's targets (``mmd``),
-    or of the squared error of each token to a randomly paired target (``mse``)."""
-    mapped = model.token_sets(batch["contexts"])  # (users, contexts, tokens, out_dim)
-    losses = []
-    for row in range(len(mapped)):
-        y = batch["targets"][row][batch["targets_mask"][row]]
-        x = mapped[row][batch["contexts_mask"][row]]  # the user's contexts, one set each
-        if objective == "mmd":
-            losses.append(gaussian_mmd2(x, y, bandwidth_factors))
-        else:
-            paired = torch.randint(len(y), x.shape[:2])  # the trainer seeds the global RNG
-            losses.append(((x - y[paired]) ** 2).mean(dim=(1, 2)))
-    return torch.cat(losses).mean(), {}
+    contexts of the MMD² between the aligner's distribution and the user's target set under
+    the vocabulary's kernel ``gram`` (``mmd``, see ``mmd.gaussian_gram``), or of the squared
+    error between the distribution's mean point and a target drawn from the set (``mse``)."""
+    probabilities = model.distribution(batch["contexts"])  # (users, contexts, V)
+    targets = batch["targets"][:, None].expand_as(probabilities)
+    if objective == "mmd":
+        per_context = weighted_mmd2(probabilities, targets, gram)
+    else:
+        drawn = torch.multinomial(targets.flatten(0, 1), 1).view(targets.shape[:2])
+        mean_point = probabilities @ model.vocabulary
+        per_context = ((mean_point - model.vocabulary[drawn]) ** 2).mean(dim=-1)
+    return per_context[batch["contexts_mask"]].mean(), {}
 
 
 def set_mmd2(
@@ -223,22 +260,12 @@ def set_mmd2(
     return float(torch.cat(values).mean())
 
 
-def attribute_retrieval(
-    mapped: torch.Tensor,
-    phrase_embeddings: torch.Tensor,
-    true_phrases: Sequence[Sequence[int]],
-    *,
-    k: int = 5,
+def phrase_retrieval(
+    scores: torch.Tensor, true_phrases: Sequence[Sequence[int]], *, k: int = 5
 ) -> dict[str, float]:
-    """Rank all phrases for each user by their best cosine to its mapped tokens (users,
-    tokens, out_dim): recall@k of the user's true phrases and their mean rank (1 = best)."""
-    scores = (
-        (F.normalize(mapped.float(), dim=-1) @ F.normalize(phrase_embeddings.float(), dim=-1).T)
-        .max(dim=1)
-        .values
-    )
-    order = scores.argsort(dim=1, descending=True)
-    ranks = order.argsort(dim=1) + 1  # rank of each phrase for each user
+    """Rank all phrases for each user by its ``scores`` (users, phrases): recall@k of the
+    user's true phrases and their mean rank (1 = best)."""
+    ranks = scores.float().argsort(dim=1, descending=True).argsort(dim=1) + 1
     recalls, mean_ranks = [], []
     for row, truth in enumerate(true_phrases):
         if not truth:
@@ -251,7 +278,7 @@ def attribute_retrieval(
     return {
         f"recall_at_{k}": sum(recalls) / len(recalls),
         "mean_rank": sum(mean_ranks) / len(mean_ranks),
-        "phrases": int(phrase_embeddings.shape[0]),
+        "phrases": int(scores.shape[1]),
     }
 
 

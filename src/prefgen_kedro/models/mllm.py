@@ -63,7 +63,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -83,6 +82,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from prefgen_kedro.console import progress
 from prefgen_kedro.models.clip import CLIP_MEAN, CLIP_STD, to_pixel_values
 from prefgen_kedro.models.vqa import (
     IMAGE_PLACEHOLDER,
@@ -927,7 +927,7 @@ def select_vision_features(
     config = model.config
     parameter = next(tower.parameters())
     features = []
-    for start in tqdm(range(0, len(images), batch_size), desc="vision features"):
+    for start in progress(range(0, len(images), batch_size), desc="vision features"):
         batch = images[start : start + batch_size]
         # The tiny processor's normalisation: CLIP's mean and std, no resizing.
         pixels = to_pixel_values(batch, batch.shape[1]).to(parameter.device, parameter.dtype)

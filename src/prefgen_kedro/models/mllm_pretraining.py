@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
+from prefgen_kedro.console import progress
 from prefgen_kedro.data.tables import DISLIKED, LIKED
 from prefgen_kedro.models.mllm import (
     IGNORE_INDEX,
@@ -854,7 +854,7 @@ def fit_attribute_readout(
     torch.nn.init.zeros_(readout.bias)
     optimizer = torch.optim.Adam(readout.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="attribute read-out"):
+    for _ in progress(range(steps), desc="attribute read-out"):
         batch = torch.randint(0, len(inputs), (batch_size,), generator=generator)
         logits = readout(standardised[batch]).split(projector.categories, dim=-1)
         loss = sum(F.cross_entropy(part, labels[batch, c]) for c, part in enumerate(logits))

@@ -50,3 +50,23 @@ def gaussian_mmd2(
     within_x = (k_xx.sum((-2, -1)) - diagonal(k_xx)) / (n * (n - 1))
     within_y = (k_yy.sum((-2, -1)) - diagonal(k_yy)) / (m * (m - 1))
     return within_x + within_y - 2.0 * k_xy.mean((-2, -1))
+
+
+def gaussian_gram(
+    points: torch.Tensor, bandwidth_factors: Sequence[float] = DEFAULT_BANDWIDTH_FACTORS
+) -> torch.Tensor:
+    """The kernel of ``gaussian_mmd2`` between every pair of ``points`` (V, d): (V, V), with
+    σ² the median squared distance between distinct points."""
+    squared = torch.cdist(points, points).pow(2)
+    scale = median_heuristic(squared)
+    return sum(torch.exp(-squared / (2.0 * factor * scale)) for factor in bandwidth_factors) / len(
+        bandwidth_factors
+    )
+
+
+def weighted_mmd2(p: torch.Tensor, q: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """MMD² between two distributions on the same V points, given as weights ``p`` and
+    ``q`` (..., V) that sum to one, under the kernel ``gram`` (V, V): ``(p − q)ᵀ K (p − q)``,
+    one value per leading index (the V-statistic: exact for distributions on those points)."""
+    difference = p - q
+    return torch.einsum("...i,ij,...j->...", difference, gram, difference)

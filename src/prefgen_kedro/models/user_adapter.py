@@ -2,17 +2,19 @@
 
 ``e_u = [ê_sem; e_core; e_img]`` (or any subset of named parts: the ablations and the
 comparison conditioners use other parts) becomes a few tokens per part of the UNet's
-cross-attention width; every cross-attention (``attn2``) gets a parallel attention over those
-tokens whose key/value projections start as copies of the text ones, and its output is
-``text attention + scale × user attention`` (Ye et al., 2023). The UNet, text and image
-encoders stay frozen; only the projections and the user key/values learn.
+cross-attention width; every cross-attention (``attn2``) gets a parallel attention over each
+part's tokens whose key/value projections are copies of the text ones, and its output is
+``text attention + scale × Σ_part user attention`` (decoupled as in Ye et al., 2023, and per
+part, so a part the UNet reads like words is not diluted by the others). The UNet, text and
+image encoders stay frozen; the projections learn, and the user key/values only where
+``diffusion.train_key_values`` says so (kept frozen: trained, they unlearned the words).
 
 The tokens reach the processors through ``cross_attention_kwargs={"user_tokens": ...}``,
 so ``models.diffusion.sample`` drives a branched UNet with its ``extra_condition``. The
 "no user" condition is the tokens of all-zero parts (what user-condition dropout trains).
 
-Public API: ``UserAdapter``, ``UserBranches`` (several adapters saved together),
-``UserAttnProcessor``, ``install_user_adapter``, ``UserConditionedUnet``, ``null_parts``,
+Public API: ``USER_BRANCH_RECIPE``, ``UserAdapter``, ``UserBranches`` (several adapters saved
+together), ``UserAttnProcessor``, ``install_user_adapter``, ``UserConditionedUnet``, ``null_parts``,
 ``choose_image_embedding``.
 """
 
@@ -28,6 +30,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 _DOT = "__"  # ModuleDict keys cannot hold dots; processor names do
+# What the branch's code does beyond its parameters, in training run keys: a change here
+# retrains the branches.
+USER_BRANCH_RECIPE = "one attention per part; projected parts start as zero tokens"
 
 
 class UserAdapter(nn.Module, PyTorchModelHubMixin):
@@ -71,6 +76,9 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
             }
         )
         self.norm = nn.LayerNorm(cross_attention_dim)
+        # Projected parts start as zero tokens, which add nothing to their own attention:
+        # the branch begins as what the text-space parts alone give, and learns the rest.
+        nn.init.zeros_(self.norm.weight)
         self.to_k = nn.ModuleDict(
             {
                 name.replace(".", _DOT): nn.Linear(cross_attention_dim, dim, bias=False)
@@ -109,6 +117,25 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
                 adapter.to_v[key].weight.copy_(layer.to_v.weight)
         return adapter
 
+    def trainable_parameters(self, key_values: bool) -> list[nn.Parameter]:
+        """What training moves: the projections (and their norm), and the user key/values
+        only if ``key_values``: frozen, they stay the text ones, so the branch learns tokens
+        the UNet reads like words and text-space parts keep being read as words."""
+        return [
+            parameter
+            for name, parameter in self.named_parameters()
+            if key_values or not name.startswith(("to_k.", "to_v."))
+        ]
+
+    def token_groups(self) -> list[int]:
+        """How many tokens each part gives, in ``part_names`` order."""
+        return [
+            self.part_dims[name] // self.cross_attention_dim
+            if name in self.text_space_parts
+            else self.tokens_per_part
+            for name in self.part_names
+        ]
+
     def tokens(self, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """(B, n_parts × tokens_per_part, cross_attention_dim) from ``{part: (B, dim)}``."""
         missing = set(self.part_names) - set(parts)
@@ -139,15 +166,22 @@ def null_parts(adapter: UserAdapter, parts: Mapping[str, torch.Tensor]) -> dict[
 
 class UserAttnProcessor:
     """SDPA attention (as diffusers' ``AttnProcessor2_0``) plus, for a cross-attention with
-    user key/values, ``scale`` × attention over ``user_tokens``. Self-attention layers get one
-    without key/values: it accepts and ignores ``user_tokens``."""
+    user key/values, ``scale`` × the sum of one attention per part of ``user_tokens``
+    (``groups``: each part's number of tokens, in order; one part when not given), so a part
+    the UNet reads like words is not diluted by the others' tokens. Self-attention layers get
+    one without key/values: it accepts and ignores ``user_tokens``."""
 
     def __init__(
-        self, to_k: nn.Linear | None = None, to_v: nn.Linear | None = None, scale: float = 1.0
+        self,
+        to_k: nn.Linear | None = None,
+        to_v: nn.Linear | None = None,
+        scale: float = 1.0,
+        groups: list[int] | None = None,
     ) -> None:
         self.to_k = to_k
         self.to_v = to_v
         self.scale = scale
+        self.groups = groups
 
     def __call__(
         self,
@@ -175,8 +209,11 @@ class UserAttnProcessor:
         )
         if self.to_k is not None and user_tokens is not None and self.scale:
             tokens = user_tokens.to(query.dtype)
-            user = F.scaled_dot_product_attention(
-                query, _heads(attn, self.to_k(tokens)), _heads(attn, self.to_v(tokens))
+            keys, values = _heads(attn, self.to_k(tokens)), _heads(attn, self.to_v(tokens))
+            groups = self.groups or [tokens.shape[1]]
+            user = sum(
+                F.scaled_dot_product_attention(query, k, v)
+                for k, v in zip(keys.split(groups, dim=2), values.split(groups, dim=2), strict=True)
             )
             out = out + self.scale * user
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
@@ -199,7 +236,9 @@ def install_user_adapter(
         if name in layers:
             if key not in adapter.to_k:
                 raise KeyError(f"the adapter has no key/value for {name}: built for another UNet?")
-            processors[name] = UserAttnProcessor(adapter.to_k[key], adapter.to_v[key], scale)
+            processors[name] = UserAttnProcessor(
+                adapter.to_k[key], adapter.to_v[key], scale, adapter.token_groups()
+            )
         else:
             processors[name] = UserAttnProcessor()
     unet.set_attn_processor(processors)

@@ -12,8 +12,9 @@ from prefgen_kedro.models.mllm import PreferenceContext
 
 
 def load_pictures(raw_images: Mapping[str, Callable]) -> dict[str, np.ndarray]:
-    """The ``raw_images`` partitions (image id → loader) as RGB uint8 arrays."""
-    return {image_id: np.asarray(load().convert("RGB")) for image_id, load in raw_images.items()}
+    """The ``raw_images`` partitions (image id → loader) as RGB uint8 arrays (writable: an
+    image processor turns them into tensors, which warns on PIL's read-only views)."""
+    return {image_id: np.array(load().convert("RGB")) for image_id, load in raw_images.items()}
 
 
 def context_pictures(

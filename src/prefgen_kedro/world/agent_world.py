@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from prefgen_kedro.console import progress
 from prefgen_kedro.data.splits import assign_splits
 from prefgen_kedro.data.tables import DISLIKED, LIKED
 from prefgen_kedro.world.render import render
@@ -96,7 +96,7 @@ def generate_agent_world(
 
     image_rows, interaction_rows, pictures = [], [], {}
     flips = 0
-    for user in tqdm(users, desc="agent world", unit="user"):
+    for user in progress(users, desc="agent world", unit="user"):
         wanted = [True, False] * (images_per_user // 2)
         for j, want_liked in enumerate(wanted):
             image_id = f"{user.user_id}-{j:03d}"
@@ -231,7 +231,7 @@ def render_set(
     rng = np.random.default_rng(seed)
     subjects, styles, images = [], [], np.empty((n, size, size, 3), np.uint8)
     group_style: dict[str, str] = {}
-    for i in tqdm(range(n), desc=f"render {n}", unit="img", mininterval=2.0):
+    for i in progress(range(n), desc=f"render {n}", unit="img", mininterval=2.0):
         if i % group_size == 0:
             group_style = random_style(rng)
         subject = SUBJECTS[rng.integers(len(SUBJECTS))]

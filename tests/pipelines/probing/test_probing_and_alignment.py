@@ -57,9 +57,13 @@ def test_probing_and_alignment_run_on_smoke(smoke_aligned):
     assert set(aligners.mlps) == {"prefgen", "prefgen_no_mmd", "oracle_state"}
     e_sem = torch.from_numpy(np.stack(embeddings["e_sem"].to_list())).float()
     with torch.inference_mode():
-        again = aligners["prefgen"](e_sem).numpy()
+        again = aligners["prefgen"].token_sets(e_sem).flatten(1).numpy()
     e_sem_hat = np.stack(embeddings["e_sem_hat"].to_list())
     assert np.allclose(again, e_sem_hat, atol=1e-5)
+    # each token is the state of one phrase of the vocabulary
+    vocabulary = aligners["prefgen"].vocabulary.numpy()
+    tokens = e_sem_hat.reshape(len(e_sem_hat), -1, vocabulary.shape[1])
+    assert all(np.isclose(vocabulary, token).all(axis=1).any() for token in tokens[0])
     # alignment.tokens text-space states (the smoke text width) a context
     prefgen = aligners["prefgen"]
     assert (prefgen.tokens, prefgen.out_dim) == (4, 16)

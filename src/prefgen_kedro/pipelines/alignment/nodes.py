@@ -27,11 +27,12 @@ from prefgen_kedro.models.alignment import (
     UserSetsDataset,
     alignment_loss,
     attribute_phrase_embeddings,
-    attribute_retrieval,
     mean_pairwise_cosine_distance,
+    phrase_retrieval,
     set_mmd2,
     text_embeddings,
 )
+from prefgen_kedro.models.mmd import gaussian_gram
 from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import TrainConfig, train
@@ -42,7 +43,8 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 class AlignmentParams(StrictParams):
     checkpoint_root: str
     hidden_dim: int = Field(ge=1)
-    tokens: int = Field(ge=2)  # text-space tokens each context is mapped to
+    dropout: float = Field(ge=0.0, lt=1.0)
+    tokens: int = Field(ge=2)  # phrases (text-space tokens) each context is mapped to
     bandwidth_factors: list[float] = Field(min_length=1)
     retrieval_k: int = Field(ge=1)
     train: TrainConfig
@@ -92,29 +94,30 @@ def train_aligners(
     """One MLP per aligner variant (``ALIGNER_VARIANTS``) whose input column the contexts
     have, trained on the training users' contexts with its objective."""
     train_rows = context_embeddings[context_embeddings["split"] == "train"]
+    vocabulary = alignment_targets["vocabulary"].clone()  # made under inference mode
+    gram = gaussian_gram(vocabulary, params.bandwidth_factors)
     mlps, report = {}, {}
     for name, variant in ALIGNER_VARIANTS.items():
         if variant.reads not in train_rows:
             continue
         user_ids, contexts = _user_sets(train_rows, variant.reads)
-        targets = [alignment_targets["targets"][user_id] for user_id in user_ids]
-        dataset = UserSetsDataset(contexts, targets)
+        targets = [alignment_targets["phrase_ids"][user_id] for user_id in user_ids]
+        dataset = UserSetsDataset(contexts, targets, len(vocabulary))
         torch.manual_seed(params.train.seed)
         model = AlignmentMlp(
             in_dim=contexts[0].shape[1],
-            out_dim=targets[0].shape[1],
+            out_dim=vocabulary.shape[1],
+            vocabulary_size=len(vocabulary),
             hidden_dim=params.hidden_dim,
             tokens=params.tokens,
+            dropout=params.dropout,
         )
         model.fit_standardisation(torch.cat(contexts))
+        model.set_vocabulary(vocabulary)
         result = train(
             model,
             dataset,
-            functools.partial(
-                alignment_loss,
-                objective=variant.objective,
-                bandwidth_factors=params.bandwidth_factors,
-            ),
+            functools.partial(alignment_loss, objective=variant.objective, gram=gram),
             params.train,
             checkpoint_root=params.checkpoint_root,
             name=f"aligner_{name}",
@@ -123,11 +126,14 @@ def train_aligners(
             key=run_key(
                 {
                     "variant": asdict(variant),
-                    **params.model_dump(include={"hidden_dim", "tokens", "bandwidth_factors"}),
+                    **params.model_dump(
+                        include={"hidden_dim", "dropout", "tokens", "bandwidth_factors"}
+                    ),
                 },
                 users=user_ids,
                 contexts=contexts,
-                targets=targets,
+                targets=dataset.targets,
+                vocabulary=vocabulary,
             ),
             collate_fn=UserSetsDataset.collate,
         )
@@ -185,11 +191,11 @@ def evaluate_alignment(
     for name, mlp in aligners.mlps.items():
         variant = ALIGNER_VARIANTS[name]
         user_ids, val_contexts = _user_sets(validation, variant.reads)
+        canonical_inputs = torch.from_numpy(np.stack(canonical[variant.reads].to_list())).float()
         with torch.inference_mode():
             mapped_contexts = [mlp.token_sets(contexts) for contexts in val_contexts]
-            mapped_users = mlp.token_sets(
-                torch.from_numpy(np.stack(canonical[variant.reads].to_list())).float()
-            )
+            mapped_users = mlp.token_sets(canonical_inputs)
+            val_scores = mlp(canonical_inputs[torch.from_numpy(is_val)])
         val_mapped = mapped_users[torch.from_numpy(is_val)]
         metrics[name] = {
             "mmd2_to_targets": set_mmd2(
@@ -197,9 +203,8 @@ def evaluate_alignment(
                 [alignment_targets["targets"][user_id] for user_id in user_ids],
                 params.bandwidth_factors,
             ),
-            "retrieval": attribute_retrieval(
-                val_mapped,
-                alignment_targets["vocabulary"],
+            "retrieval": phrase_retrieval(
+                val_scores,
                 [alignment_targets["phrase_ids"][user_id] for user_id in val_users],
                 k=params.retrieval_k,
             ),

@@ -39,6 +39,7 @@ from prefgen_kedro.models.diffusion import (
 from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.user_adapter import (
+    USER_BRANCH_RECIPE,
     UserAdapter,
     UserBranches,
     UserConditionedUnet,
@@ -108,6 +109,8 @@ class DiffusionParams(StrictParams):
     e_img: str
     caption_dropout: float = Field(ge=0.0, le=1.0)
     user_dropout: float = Field(ge=0.0, le=1.0)
+    # Train the user key/values (copies of the text ones) too, as IP-Adapter does.
+    train_key_values: bool
     snr_gamma: float | None
     # Recompute the frozen UNet's activations in the backward pass (SD 1.5 at 512 px).
     gradient_checkpointing: bool = False
@@ -158,8 +161,10 @@ def make_user_conditions(
     for name, mlp in aligners.mlps.items():
         variant = ALIGNER_VARIANTS[name]
         with torch.inference_mode():
-            mapped = mlp(torch.from_numpy(np.stack(merged[variant.reads].to_list())).float())
-        conditions[variant.writes] = list(mapped.numpy())
+            mapped = mlp.token_sets(
+                torch.from_numpy(np.stack(merged[variant.reads].to_list())).float()
+            )
+        conditions[variant.writes] = list(mapped.flatten(1).numpy())
     missing = wanted - set(conditions) - {TRUE_SEM}
     if missing:
         raise ValueError(
@@ -232,6 +237,11 @@ def train_user_branches(
             params.tokens_per_part,
             text_space,
         )
+        if not adapter.projections and not params.train_key_values:
+            # Text-space parts only, read by the text key/values as words: nothing to learn.
+            adapters[name] = adapter.eval()
+            report["variants"][name] = {"parts": parts, "steps": 0}
+            continue
         result = train(
             UserConditionedUnet(unet, adapter),
             dataset,
@@ -250,8 +260,15 @@ def train_user_branches(
                 {
                     "parts": parts,
                     "text_space": text_space,
+                    "recipe": USER_BRANCH_RECIPE,
                     **params.model_dump(
-                        include={"tokens_per_part", "caption_dropout", "user_dropout", "snr_gamma"}
+                        include={
+                            "tokens_per_part",
+                            "caption_dropout",
+                            "user_dropout",
+                            "train_key_values",
+                            "snr_gamma",
+                        }
                     ),
                 },
                 # A sample's clean image (pixels or latents), prompt states and the variant's
@@ -262,7 +279,7 @@ def train_user_branches(
                 empty_prompt=empty,
                 **base,
             ),
-            trainable_parameters=list(adapter.parameters()),
+            trainable_parameters=adapter.trainable_parameters(params.train_key_values),
         )
         adapters[name] = adapter.eval()
         report["variants"][name] = {
