@@ -8,8 +8,10 @@ holding pickled weights is refused on load (DESIGN.md §6).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import io
 import logging
 import os
 import shutil
@@ -117,11 +119,14 @@ class PretrainedModelDataset(AbstractDataset[Any, Any]):
                 "(re-save the model with safetensors)"
             )
         load_args = _with_torch_dtypes(self._load_args)
-        if self._protocol == "file":
-            return cls.from_pretrained(location, **load_args)
-        with tempfile.TemporaryDirectory() as local:
-            self._fs.get(location.rstrip("/") + "/", local, recursive=True)
-            return cls.from_pretrained(local, **load_args)
+        # huggingface_hub's model mixin prints "Loading weights from local directory" to
+        # stdout, a line outside the log; Kedro's own record says what is loaded.
+        with contextlib.redirect_stdout(io.StringIO()):
+            if self._protocol == "file":
+                return cls.from_pretrained(location, **load_args)
+            with tempfile.TemporaryDirectory() as local:
+                self._fs.get(location.rstrip("/") + "/", local, recursive=True)
+                return cls.from_pretrained(local, **load_args)
 
     def save(self, data: Any) -> None:
         """Write ``data.save_pretrained`` into ``path`` atomically, moving an old one aside."""

@@ -195,8 +195,8 @@ def evaluate_alignment(
         with torch.inference_mode():
             mapped_contexts = [mlp.token_sets(contexts) for contexts in val_contexts]
             mapped_users = mlp.token_sets(canonical_inputs)
-            val_scores = mlp(canonical_inputs[torch.from_numpy(is_val)])
-        val_mapped = mapped_users[torch.from_numpy(is_val)]
+            val_scores = mlp(canonical_inputs[torch.tensor(is_val)])
+        val_mapped = mapped_users[torch.tensor(is_val)]
         metrics[name] = {
             "mmd2_to_targets": set_mmd2(
                 mapped_contexts,

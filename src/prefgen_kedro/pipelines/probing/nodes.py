@@ -146,18 +146,18 @@ def fit_probes(
     unseen = train_users & (probe_contexts["context"] >= params.inter_user_train_contexts)
     labels = torch.tensor([user_index.get(u, -1) for u in probe_contexts["user_id"]])
     inter = layerwise_accuracy(
-        states[torch.from_numpy(seen.to_numpy())],
-        labels[torch.from_numpy(seen.to_numpy())],
-        states[torch.from_numpy(unseen.to_numpy())],
-        labels[torch.from_numpy(unseen.to_numpy())],
+        states[torch.tensor(seen.to_numpy())],
+        labels[torch.tensor(seen.to_numpy())],
+        states[torch.tensor(unseen.to_numpy())],
+        labels[torch.tensor(unseen.to_numpy())],
         len(user_index),
         top_k=(1, 5),
         seed=params.seed,
         **fit,
     )
     table = hidden_states["question_table"]
-    fit_rows = torch.from_numpy((table["split"] == "train").to_numpy())
-    test_rows = torch.from_numpy((table["split"] == "val").to_numpy())
+    fit_rows = torch.tensor((table["split"] == "train").to_numpy())
+    test_rows = torch.tensor((table["split"] == "val").to_numpy())
     answers = torch.tensor(table["label"].to_numpy())
     intra = layerwise_accuracy(
         hidden_states["questions"][fit_rows],
@@ -227,8 +227,8 @@ def build_user_embeddings(
         for liked in users["liked"]
     ]
     user_embeddings = users[["user_id", "split", "liked", "disliked"]].assign(
-        e_sem=list(e_sem[torch.from_numpy(canonical.to_numpy())].numpy()),
-        e_core=list(e_core[torch.from_numpy(canonical.to_numpy())].numpy()),
+        e_sem=list(e_sem[torch.tensor(canonical.to_numpy())].numpy()),
+        e_core=list(e_core[torch.tensor(canonical.to_numpy())].numpy()),
         e_img=[vector.numpy() for vector in e_img],
     )
     return per_context, user_embeddings
