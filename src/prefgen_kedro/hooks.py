@@ -198,10 +198,10 @@ class ProvenanceHook:
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
-        settings = context.config_loader["globals"]
+        self._ledger = _data_root(context) / "provenance"
         project = Path(context.project_path)
-        self._ledger = project / settings["data_root"] / "provenance"
-        self._read_only = [project / folder for folder in settings.get("read_only_dirs", [])]
+        read_only = context.config_loader["globals"].get("read_only_dirs", [])
+        self._read_only = [project / folder for folder in read_only]
 
     @hook_impl
     def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
@@ -293,14 +293,7 @@ class ProvenanceHook:
         return self._catalog.get(name, fallback_to_runtime_pattern=True)
 
     def _path(self, name: str) -> Path | None:
-        """Where a dataset's files are, or None for one held in memory (or remote)."""
-        if name.startswith("params:"):
-            return None
-        described = self._dataset(name)._describe()
-        location = described.get("filepath") or described.get("path")
-        if location is None or described.get("protocol", "file") != "file":
-            return None
-        return Path(str(location))
+        return _local_path(self._catalog, name)
 
     def _refuse_read_only_outputs(self, outputs: set[str]) -> None:
         for name in sorted(outputs):
@@ -316,6 +309,22 @@ class ProvenanceHook:
 
 # Errors whose message is the whole story: no traceback on the console.
 _PLAIN_ERRORS = (BadInputError, ParameterValidationError)
+
+
+def _local_path(catalog: Any, name: str) -> Path | None:
+    """Where a dataset's files are, or None for one held in memory (or remote)."""
+    if name.startswith("params:"):
+        return None
+    described = catalog.get(name, fallback_to_runtime_pattern=True)._describe()
+    location = described.get("filepath") or described.get("path")
+    if location is None or described.get("protocol", "file") != "file":
+        return None
+    return Path(str(location))
+
+
+def _data_root(context: Any) -> Path:
+    """The environment's data root (``globals.yml``: ``data_root``) in the project."""
+    return Path(context.project_path) / context.config_loader["globals"]["data_root"]
 
 
 class TrackingHook:
@@ -341,15 +350,14 @@ class TrackingHook:
         self._on = tracking_enabled()
         if not self._on:
             return
-        data_root = self._context.config_loader["globals"]["data_root"]
-        store = Path(self._context.project_path) / data_root / "tracking"
+        pipelines = run_params.get("pipeline_names") or ["__default__"]
         start_tracked_run(
-            store,
-            run_name="+".join(run_params.get("pipeline_names") or ["__default__"]),
+            _data_root(self._context) / "tracking",
+            run_name="+".join(pipelines),
             tags={
                 "command": _command(run_params),
                 "env": run_params.get("env") or "local",
-                "pipelines": ",".join(run_params.get("pipeline_names") or ["__default__"]),
+                "pipelines": ",".join(pipelines),
             },
             params=flat_parameters(self._context.params),
         )
@@ -366,15 +374,11 @@ class TrackingHook:
     def after_dataset_saved(self, dataset_name: str) -> None:
         if not self._on:
             return
-        described = self._catalog.get(dataset_name, fallback_to_runtime_pattern=True)._describe()
-        location = described.get("filepath") or described.get("path")
-        if location is None:
-            return
-        path = Path(str(location))
-        ledger = self._ledger() / f"{dataset_name}.json"
-        if ledger.is_file():
-            mlflow.set_tag(f"digest.{dataset_name}", json.loads(ledger.read_text())["digest"])
-        if dataset_name in REPORT_ARTIFACTS and path.exists():
+        record = _data_root(self._context) / "provenance" / f"{dataset_name}.json"
+        if record.is_file():
+            mlflow.set_tag(f"digest.{dataset_name}", json.loads(record.read_text())["digest"])
+        path = _local_path(self._catalog, dataset_name)
+        if dataset_name in REPORT_ARTIFACTS and path is not None and path.exists():
             log_artifact(path)
 
     @hook_impl
@@ -386,10 +390,6 @@ class TrackingHook:
     def on_pipeline_error(self) -> None:
         if self._on:
             mlflow.end_run(status="FAILED")
-
-    def _ledger(self) -> Path:
-        data_root = self._context.config_loader["globals"]["data_root"]
-        return Path(self._context.project_path) / data_root / "provenance"
 
 
 class ConsoleErrorHook:

@@ -120,7 +120,10 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
     def trainable_parameters(self, key_values: bool) -> list[nn.Parameter]:
         """What training moves: the projections (and their norm), and the user key/values
         only if ``key_values``: frozen, they stay the text ones, so the branch learns tokens
-        the UNet reads like words and text-space parts keep being read as words."""
+        the UNet reads like words and text-space parts keep being read as words. Empty for a
+        branch of text-space parts only with frozen key/values: it has nothing to learn."""
+        if not self.projections and not key_values:
+            return []
         return [
             parameter
             for name, parameter in self.named_parameters()

@@ -237,8 +237,8 @@ def train_user_branches(
             params.tokens_per_part,
             text_space,
         )
-        if not adapter.projections and not params.train_key_values:
-            # Text-space parts only, read by the text key/values as words: nothing to learn.
+        trainable = adapter.trainable_parameters(params.train_key_values)
+        if not trainable:  # text-space parts read by the text key/values: used as built
             adapters[name] = adapter.eval()
             report["variants"][name] = {"parts": parts, "steps": 0}
             continue
@@ -279,7 +279,7 @@ def train_user_branches(
                 empty_prompt=empty,
                 **base,
             ),
-            trainable_parameters=adapter.trainable_parameters(params.train_key_values),
+            trainable_parameters=trainable,
         )
         adapters[name] = adapter.eval()
         report["variants"][name] = {
