@@ -83,6 +83,23 @@ def test_the_aligner_keeps_its_statistics_and_vocabulary_and_picks_its_top_phras
         AlignmentMlp(in_dim=4, out_dim=2, vocabulary_size=5, hidden_dim=8, tokens=1)
 
 
+def test_the_picks_take_at_most_one_phrase_of_a_group_and_survive_a_checkpoint(tmp_path):
+    """Phrases 0-2 are one group (say, colours), 3 and 4 two more: the best two groups are
+    picked, each by its best phrase, whatever the runner-up of the first group scores."""
+    model = _aligner(vocabulary=torch.eye(5, 6))
+    model.set_vocabulary(torch.eye(5, 6), groups=[0, 0, 0, 1, 2])
+    scores = torch.tensor([[3.0, 2.5, 0.0, 1.0, 2.0], [0.0, 0.1, 0.2, 5.0, 4.0]])
+    assert model.picks(scores).tolist() == [[0, 4], [3, 4]]
+    Aligners.of({"prefgen": model}).save_pretrained(tmp_path)
+    loaded = Aligners.from_pretrained(tmp_path)["prefgen"]
+    assert loaded.phrase_groups.tolist() == [0, 0, 0, 1, 2]
+    assert loaded.picks(scores).tolist() == [[0, 4], [3, 4]]
+    with pytest.raises(ValueError, match="1 phrase groups cannot give 2 tokens"):
+        model.set_vocabulary(torch.eye(5, 6), groups=[0] * 5)
+    with pytest.raises(ValueError, match="one group per phrase"):
+        model.set_vocabulary(torch.eye(5, 6), groups=[0, 1])
+
+
 @pytest.mark.parametrize("objective", ["mmd", "mse"])
 def test_training_puts_a_users_mass_on_its_phrases(objective):
     """Two users, two phrases each, of six orthogonal ones: after training, each user's two

@@ -6,9 +6,12 @@ world: every attribute's phrase; Pick-a-Pic: the liked images' captions), and fo
 training user the *set* of its phrases (the liked attributes; its liked images' captions).
 An MLP takes ``e_sem`` (one per context of a user) to a distribution over that vocabulary;
 ``ê_sem`` is the states of its ``tokens`` most probable phrases, text-space points the
-user branch reads like words. Its inputs are standardised with the training contexts' mean
-and spread, kept in the checkpoint: an MLLM state varies across users in a small part of its
-norm, and unstandardised that part is lost beside the shared one.
+user branch reads like words. Phrases may come in exclusive groups (agent world: the
+attribute categories, since every image shows one value of each): then ê_sem takes at most
+one phrase of a group, as "red" and "blue" cannot both be drawn. Its inputs are
+standardised with the training contexts' mean and spread, kept in the checkpoint: an MLLM
+state varies across users in a small part of its norm, and unstandardised that part is lost
+beside the shared one.
 
 - ``mmd`` (PrefGen): for every context of a user, the multi-kernel Gaussian MMD² between the
   aligner's distribution and the user's target set (uniform on its phrases), both on the
@@ -89,6 +92,8 @@ class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
         self.register_buffer("input_mean", torch.zeros(in_dim))
         self.register_buffer("input_std", torch.ones(in_dim))
         self.register_buffer("vocabulary", torch.zeros(vocabulary_size, out_dim))
+        # exclusive groups of phrases; by default every phrase is a group of its own
+        self.register_buffer("phrase_groups", torch.arange(vocabulary_size))
         self.net = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(in_dim, hidden_dim),
@@ -104,9 +109,22 @@ class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
         self.input_std.copy_(inputs.float().std(dim=0).clamp_min(1e-6))
 
     @torch.no_grad()
-    def set_vocabulary(self, states: torch.Tensor) -> None:
-        """The phrase states (vocabulary_size, out_dim) the distribution is over."""
+    def set_vocabulary(self, states: torch.Tensor, groups: Sequence[int] | None = None) -> None:
+        """The phrase states (vocabulary_size, out_dim) the distribution is over and, if
+        given, each phrase's exclusive group (ê_sem takes at most one phrase of a group)."""
         self.vocabulary.copy_(states.float())
+        if groups is not None:
+            groups = torch.as_tensor(groups, dtype=torch.long)
+            if groups.shape != self.phrase_groups.shape:
+                raise ValueError(
+                    f"need one group per phrase ({len(self.phrase_groups)}), got {len(groups)}"
+                )
+            if len(groups.unique()) < self.tokens:
+                raise ValueError(
+                    f"{len(groups.unique())} phrase groups cannot give {self.tokens} tokens "
+                    "(at most one phrase of a group)"
+                )
+            self.phrase_groups.copy_(groups)
 
     def forward(self, e_sem: torch.Tensor) -> torch.Tensor:
         """(..., in_dim) → a score per phrase (..., vocabulary_size)."""
@@ -117,9 +135,24 @@ class AlignmentMlp(nn.Module, PyTorchModelHubMixin):
         return self(e_sem).softmax(dim=-1)
 
     def token_sets(self, e_sem: torch.Tensor) -> torch.Tensor:
-        """(..., in_dim) → the states of the ``tokens`` most probable phrases, most probable
-        first (..., tokens, out_dim)."""
-        return self.vocabulary[self(e_sem).topk(self.tokens, dim=-1).indices]
+        """(..., in_dim) → the states of the ``tokens`` most probable phrases, at most one
+        per group, most probable first (..., tokens, out_dim)."""
+        return self.vocabulary[self.picks(self(e_sem))]
+
+    def picks(self, scores: torch.Tensor) -> torch.Tensor:
+        """Phrase scores (..., vocabulary_size) → the indices (..., tokens) of the best
+        phrase of each of the ``tokens`` groups whose best phrase scores highest."""
+        groups = self.phrase_groups.unique()
+        if len(groups) == len(self.phrase_groups):
+            return scores.topk(self.tokens, dim=-1).indices
+        maxima = [
+            scores.masked_fill(self.phrase_groups != group, -torch.inf).max(dim=-1)
+            for group in groups
+        ]
+        best_scores = torch.stack([maximum.values for maximum in maxima], dim=-1)
+        best_phrases = torch.stack([maximum.indices for maximum in maxima], dim=-1)
+        chosen = best_scores.topk(self.tokens, dim=-1).indices
+        return best_phrases.gather(-1, chosen)
 
 
 class Aligners(nn.Module, PyTorchModelHubMixin):

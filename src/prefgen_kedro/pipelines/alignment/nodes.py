@@ -37,7 +37,7 @@ from prefgen_kedro.pipelines.params import StrictParams
 from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import tastes_are_known
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute
 
 
 class AlignmentParams(StrictParams):
@@ -58,12 +58,14 @@ def make_alignment_targets(
     clip_tokenizer: PreTrainedTokenizerBase,
 ) -> dict:
     """Every user's target set in the conditioning text space, and the phrase vocabulary the
-    retrieval ranks. Agent world: the phrases of the user's liked attributes (vocabulary:
-    all attribute phrases); Pick-a-Pic: the captions of the user's liked images (vocabulary:
-    every caption)."""
+    retrieval ranks with its exclusive groups. Agent world: the phrases of the user's liked
+    attributes (vocabulary: all attribute phrases, grouped by category); Pick-a-Pic: the
+    captions of the user's liked images (vocabulary: every caption, each its own group)."""
     clip = conditioning_clip.float().eval()
     if tastes_are_known(users):
         phrases, vocabulary = attribute_phrase_embeddings(clip, clip_tokenizer)
+        categories = sorted({attribute(a).category for a in ATTRIBUTE_IDS})
+        groups = [categories.index(attribute(a).category) for a in ATTRIBUTE_IDS]
         column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
         wanted = {
             row.user_id: [column[a] for a in row.liked_attributes]
@@ -80,9 +82,11 @@ def make_alignment_targets(
             user_id: [column[c] for c in by_user.get(user_id, [])] for user_id in users["user_id"]
         }
         vocabulary = text_embeddings(clip, clip_tokenizer, phrases)
+        groups = list(range(len(phrases)))
     return {
         "phrases": phrases,
         "vocabulary": vocabulary,
+        "phrase_groups": groups,
         "phrase_ids": wanted,
         "targets": {user_id: vocabulary[ids] for user_id, ids in wanted.items()},
     }
@@ -113,7 +117,7 @@ def train_aligners(
             dropout=params.dropout,
         )
         model.fit_standardisation(torch.cat(contexts))
-        model.set_vocabulary(vocabulary)
+        model.set_vocabulary(vocabulary, alignment_targets["phrase_groups"])
         result = train(
             model,
             dataset,
@@ -134,6 +138,7 @@ def train_aligners(
                 contexts=contexts,
                 targets=dataset.targets,
                 vocabulary=vocabulary,
+                phrase_groups=alignment_targets["phrase_groups"],
             ),
             collate_fn=UserSetsDataset.collate,
         )
