@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.params import StrictParams
 from prefgen_kedro.provenance import (
     PROVENANCE_FILE,
     StaleInputError,

@@ -1,4 +1,5 @@
-"""`kedro viz build` makes a static site that shows every registered pipeline."""
+"""`kedro viz build` makes a static site that shows every registered pipeline, the default
+one as six collapsible stages."""
 
 import json
 import os
@@ -28,5 +29,15 @@ def test_viz_build_lists_every_pipeline(smoke_project: Path) -> None:
     main = json.loads((site / "api" / "main").read_text())
     bootstrap_project(smoke_project)
     assert {p["id"] for p in main["pipelines"]} == set(register_pipelines())
-    node_names = {node["name"] for node in main["nodes"]}
-    assert {"tune_mllm", "fit_probes", "train_aligners", "train_user_branches"} <= node_names
+    tasks = {node["full_name"]: node for node in main["nodes"] if node["type"] == "task"}
+    assert {
+        "vqa_tuning.tune_mllm",
+        "probing.fit_probes",
+        "alignment.train_aligners",
+        "diffusion.train_user_branches",
+    } <= set(tasks)
+    stages = {"data_ingestion", "vqa_tuning", "probing", "alignment", "diffusion", "evaluation"}
+    assert set(main["modular_pipelines"]) - {"__root__"} == stages
+    assert all(len(node["modular_pipelines"]) == 1 for node in tasks.values())
+    assert "training" in tasks["diffusion.train_user_branches"]["tags"]
+    assert "reporting" in tasks["evaluation.write_benchmark_report"]["tags"]

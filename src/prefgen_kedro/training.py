@@ -143,6 +143,20 @@ class TrainResult:
             "steps_trained": self.steps_trained,
         }
 
+    def summary(self) -> dict[str, Any]:
+        """The run for a training report: its steps, ``record()``, the seconds this call
+        trained and the logged loss by step."""
+        return {
+            "steps": self.steps,
+            "run": self.record(),
+            "wall_seconds": round(self.wall_seconds, 1),
+            "learning_curve": [
+                {"step": entry["step"], "loss": round(entry["loss"], 5)}
+                for entry in self.history
+                if "loss" in entry
+            ],
+        }
+
 
 def shaping_settings(config: TrainConfig) -> dict[str, Any]:
     """The settings that shape what a run trains: the config minus bookkeeping."""

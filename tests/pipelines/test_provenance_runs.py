@@ -128,13 +128,13 @@ def test_the_taste_audit_follows_user_conditions_and_an_older_report_is_refused(
     data = project / "data" / "smoke"
     # every phrase state the aligner picks from: other e_sem_hat
     change_one_weight(data / "06_models" / "aligners", "mlps.prefgen.vocabulary", everywhere=True)
-    run_in(project, node_names=["make_user_conditions", "audit_taste_signal"])
+    run_in(project, node_names=["diffusion.make_user_conditions", "diffusion.audit_taste_signal"])
     made = read_json(data / "provenance" / "user_conditions.json")["digest"]
     audit = read_json(data / "08_reporting" / "taste_signal_audit.json")
     assert audit["provenance"]["inputs"]["user_conditions"] == made
     # The metrics still come from the older conditions: the report is refused, naming both.
     with pytest.raises(StaleInputError) as refused:
-        run_in(project, node_names=["write_benchmark_report"])
+        run_in(project, node_names=["evaluation.write_benchmark_report"])
     message = str(refused.value)
     assert f"taste_signal_audit was made from user_conditions {made}" in message
     assert "metrics was made from user_conditions" in message
@@ -146,7 +146,11 @@ def test_a_changed_conditioning_clip_weight_retrains_the_base_unet(
     project = smoke_copy()
     foundation = project / smoke_foundation.relative_to(smoke_project)
     change_one_weight(foundation / "conditioning_clip", "text_model.encoder")
-    data = run_in(project, "foundation", node_names=["make_render_sets", "train_base_diffusion"])
+    data = run_in(
+        project,
+        "foundation",
+        node_names=["foundation.make_render_sets", "foundation.train_base_diffusion"],
+    )
     runs = read_json(data / "08_reporting" / "timings.json")["training_runs"]
     assert [Path(run).name.split("-")[0] for run in runs["trained"]] == ["base_unet"]
 
@@ -277,8 +281,8 @@ def test_empty_pickapic_shards_stop_the_run_with_the_message_and_write_nothing(
     assert run.process.wait() != 0
     lines = run.console.read_text().rstrip().splitlines()
     assert lines[-2].startswith(
-        f"Node ingest failed: EmptyIngestionError: Pick-a-Pic shards in {shards}: the 1 "
-        "shard(s) hold no row"
+        "Node data_ingestion.ingest failed: EmptyIngestionError: "
+        f"Pick-a-Pic shards in {shards}: the 1 shard(s) hold no row"
     )
     assert "Full traceback" in lines[-1] and (project / "logs" / "last_error.log").is_file()
     # Kedro's own report of the failure comes a few lines before, with no traceback between.

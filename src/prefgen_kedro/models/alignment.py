@@ -31,10 +31,13 @@ Public API: ``ALIGNER_VARIANTS`` (``AlignerVariant``), ``AlignmentMlp``, ``Align
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
@@ -42,8 +45,18 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
-from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS, gaussian_mmd2, weighted_mmd2
+from prefgen_kedro.models.mmd import (
+    DEFAULT_BANDWIDTH_FACTORS,
+    gaussian_gram,
+    gaussian_mmd2,
+    weighted_mmd2,
+)
+from prefgen_kedro.provenance import run_key
+from prefgen_kedro.training import train
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, attribute
+
+if TYPE_CHECKING:
+    from prefgen_kedro.params import AlignmentParams
 
 Objective = Literal["mmd", "mse"]
 
@@ -324,3 +337,127 @@ def mean_pairwise_cosine_distance(embeddings: torch.Tensor) -> float:
     cosines = unit @ unit.T
     off_diagonal = cosines.sum() - cosines.diagonal().sum()
     return float(1.0 - off_diagonal / (n * (n - 1)))
+
+
+def user_context_sets(rows: pd.DataFrame, column: str) -> tuple[list[str], list[torch.Tensor]]:
+    """The users of ``rows`` (sorted) and, for each, its contexts' ``column`` (S, dim)."""
+    groups = rows.groupby("user_id", sort=True)[column]
+    return [user_id for user_id, _ in groups], [
+        torch.from_numpy(np.stack(vectors.to_list())).float() for _, vectors in groups
+    ]
+
+
+def train_aligner(
+    name: str,
+    variant: AlignerVariant,
+    user_ids: Sequence[str],
+    contexts: Sequence[torch.Tensor],
+    alignment_targets: Mapping,
+    params: AlignmentParams,
+) -> tuple[AlignmentMlp, dict]:
+    """The aligner ``name`` trained on the training users' contexts (one (S, in_dim) tensor
+    per user) with its variant's objective, and its training report."""
+    vocabulary = alignment_targets["vocabulary"].clone()  # made under inference mode
+    targets = [alignment_targets["phrase_ids"][user_id] for user_id in user_ids]
+    dataset = UserSetsDataset(contexts, targets, len(vocabulary))
+    torch.manual_seed(params.train.seed)
+    model = AlignmentMlp(
+        in_dim=contexts[0].shape[1],
+        out_dim=vocabulary.shape[1],
+        vocabulary_size=len(vocabulary),
+        hidden_dim=params.hidden_dim,
+        tokens=params.tokens,
+        dropout=params.dropout,
+    )
+    model.fit_standardisation(torch.cat(list(contexts)))
+    model.set_vocabulary(vocabulary, alignment_targets["phrase_groups"])
+    gram = gaussian_gram(vocabulary, params.bandwidth_factors)
+    result = train(
+        model,
+        dataset,
+        functools.partial(alignment_loss, objective=variant.objective, gram=gram),
+        params.train,
+        checkpoint_root=params.checkpoint_root,
+        name=f"aligner_{name}",
+        # Every input of every training context and every target: a new MLLM, other
+        # probing contexts or other phrases all train afresh.
+        key=run_key(
+            {
+                "variant": asdict(variant),
+                **params.model_dump(
+                    include={"hidden_dim", "dropout", "tokens", "bandwidth_factors"}
+                ),
+            },
+            users=list(user_ids),
+            contexts=list(contexts),
+            targets=dataset.targets,
+            vocabulary=vocabulary,
+            phrase_groups=alignment_targets["phrase_groups"],
+        ),
+        collate_fn=UserSetsDataset.collate,
+    )
+    report = {"objective": variant.objective, "reads": variant.reads, **result.summary()}
+    return model.eval(), report
+
+
+def align_users(
+    aligners: Aligners,
+    context_embeddings: pd.DataFrame,
+    user_embeddings: pd.DataFrame,
+    alignment_targets: Mapping,
+    params: AlignmentParams,
+) -> tuple[dict, pd.DataFrame]:
+    """Every aligner's metrics on validation users (MMD² to the targets, retrieval,
+    diversity next to the targets' own) and ``user_embeddings`` with every aligner's part of
+    the user's canonical context."""
+    validation = context_embeddings[context_embeddings["split"] == "val"]
+    canonical = (
+        context_embeddings[context_embeddings["context"] == 0]
+        .set_index("user_id")
+        .loc[user_embeddings["user_id"]]
+    )
+    is_val = canonical["split"].eq("val").to_numpy()
+    val_users = list(canonical.index[is_val])
+    targets = [alignment_targets["targets"][user_id] for user_id in val_users]
+    metrics: dict = {
+        "validation_users": len(val_users),
+        "targets": {
+            "diversity": mean_pairwise_cosine_distance(torch.cat(targets)),
+            "diversity_within_user": mean_within(targets),
+        },
+    }
+    aligned = user_embeddings.copy()
+    for name, mlp in aligners.mlps.items():
+        variant = ALIGNER_VARIANTS[name]
+        user_ids, val_contexts = user_context_sets(validation, variant.reads)
+        canonical_inputs = torch.from_numpy(np.stack(canonical[variant.reads].to_list())).float()
+        with torch.inference_mode():
+            mapped_contexts = [mlp.token_sets(contexts) for contexts in val_contexts]
+            mapped_users = mlp.token_sets(canonical_inputs)
+            val_scores = mlp(canonical_inputs[torch.tensor(is_val)])
+        val_mapped = mapped_users[torch.tensor(is_val)]
+        metrics[name] = {
+            "mmd2_to_targets": set_mmd2(
+                mapped_contexts,
+                [alignment_targets["targets"][user_id] for user_id in user_ids],
+                params.bandwidth_factors,
+            ),
+            "retrieval": phrase_retrieval(
+                val_scores,
+                [alignment_targets["phrase_ids"][user_id] for user_id in val_users],
+                k=params.retrieval_k,
+            ),
+            # every validation user's canonical tokens together, and each user's apart
+            "diversity_across_users": mean_pairwise_cosine_distance(val_mapped.flatten(0, 1)),
+            "diversity_within_user": mean_within(list(val_mapped)),
+        }
+        aligned[variant.writes] = list(mapped_users.flatten(1).numpy())
+    return metrics, aligned
+
+
+def mean_within(sets: list[torch.Tensor]) -> float:
+    """The mean over sets (of at least two rows) of their ``mean_pairwise_cosine_distance``."""
+    values = [mean_pairwise_cosine_distance(rows) for rows in sets if len(rows) >= 2]
+    if not values:
+        raise ValueError("diversity within a set needs a set of at least two rows")
+    return sum(values) / len(values)

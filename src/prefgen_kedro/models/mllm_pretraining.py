@@ -721,8 +721,8 @@ def pretrain(
             {
                 "stage": stage.name,
                 "samples": result.steps * stage.train.batch_size,
-                "wall_seconds": round(result.wall_seconds, 1),
-                "run": result.record(),
+                **result.summary(),
+                # with the held-out taste AUC logged beside the loss
                 "learning_curve": [
                     {key: round(value, 4) for key, value in entry.items()}
                     for entry in result.history

@@ -11,9 +11,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prefgen_kedro.models.vqa import context_summary
+from prefgen_kedro.world.agent_world import tastes_are_known
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 
 @dataclass
@@ -136,3 +142,64 @@ def select_layers(
         "e_sem": list(range(depth - semantic_top + 1, depth + 1)),
         "e_core": list(range(best, best + core_window)),
     }
+
+
+# What the taste audit probes, where a run has it: CLIP image embeddings, the MLLM's states,
+# every aligner's part, and the perfect ê_sem.
+AUDITED_PARTS = (
+    "mean_clip",
+    "e_img",
+    "e_core",
+    "e_sem",
+    "e_sem_hat",
+    "e_sem_hat_no_mmd",
+    "oracle_state_hat",
+    "true_sem",
+)
+
+
+def taste_audit(
+    user_conditions: pd.DataFrame, users: pd.DataFrame, images: pd.DataFrame, split: str, seed: int
+) -> dict:
+    """How much of each user's taste every stage's output still carries: for each source,
+    a multi-label linear probe predicts the user's liked attributes from one context's
+    vector (trained on training users' contexts, tested on ``split`` users' contexts) and
+    its mean ROC AUC is reported (0.5: nothing). The counting rule on the context images'
+    true attributes is the ceiling the context allows. Agent world only (real users have
+    no known attributes): elsewhere an empty audit."""
+    if not tastes_are_known(users):
+        return {}
+    columns = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    liked = users.set_index("user_id")["liked_attributes"]
+    shown = images.set_index("image_id")["attributes"]
+
+    def taste(rows: pd.DataFrame) -> torch.Tensor:
+        targets = torch.zeros(len(rows), len(columns))
+        for r, user_id in enumerate(rows["user_id"]):
+            targets[r, [columns[a] for a in liked[user_id]]] = 1.0
+        return targets
+
+    train = user_conditions[user_conditions["split"] == "train"]
+    test = user_conditions[user_conditions["split"] == split]
+    counting_rule = np.stack(
+        [
+            context_summary(shown[list(liked_ids)], shown[list(disliked_ids)])
+            for liked_ids, disliked_ids in zip(test["liked"], test["disliked"], strict=True)
+        ]
+    )
+    audit = {
+        "split": split,
+        "users": int(test["user_id"].nunique()),
+        "contexts": len(test),
+        "auc": {"counting_rule": mean_auc(torch.from_numpy(counting_rule), taste(test))},
+    }
+    for part in (part for part in AUDITED_PARTS if part in user_conditions):
+        probe = fit_linear_probe(
+            torch.from_numpy(np.stack(train[part].to_list())).float(),
+            taste(train),
+            len(columns),
+            seed=seed,
+        )
+        scores = probe.logits(torch.from_numpy(np.stack(test[part].to_list())).float())
+        audit["auc"][part] = mean_auc(scores, taste(test))
+    return audit

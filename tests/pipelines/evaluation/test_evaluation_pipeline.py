@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from prefgen_kedro.pipelines.evaluation.nodes import EvaluationParams, summarize_metrics
+from prefgen_kedro.params import EvaluationParams
+from prefgen_kedro.pipelines.evaluation.nodes import summarize_metrics
 
 NOTEBOOK = Path(__file__).resolve().parents[3] / "notebooks" / "benchmark.ipynb"
 METHODS = {
@@ -77,9 +78,9 @@ def test_the_report_states_its_command_and_is_self_contained(smoke_evaluated):
     ladder = markdown[markdown.index("## Signal ladder") :].split("\n\n")[2].splitlines()[2:]
     rows = [line.split("|")[1].strip(" `*") for line in ladder]
     assert rows == ["real", "oracle_taste", "oracle_state", "prefgen"]
-    assert "## Where the time went" in markdown and "| generate_images |" in markdown
+    assert "## Where the time went" in markdown and "| evaluation.generate_images |" in markdown
     timings = json.loads((smoke_evaluated / "08_reporting" / "timings.json").read_text())
-    assert [n["node"] for n in timings["nodes"]][-1] == "write_benchmark_report"
+    assert [n["node"] for n in timings["nodes"]][-1] == "evaluation.write_benchmark_report"
     assert all(n["seconds"] >= 0 and n["peak_rss_gb"] > 0 for n in timings["nodes"])
     for link in re.findall(r"\]\((benchmark/[^)]+)\)", markdown):
         assert (smoke_evaluated / "08_reporting" / link).exists()
@@ -130,6 +131,7 @@ def test_win_rates_count_users_and_ties():
         judge_batch_size=1,
         bootstrap={"resamples": 100, "set_resamples": 10, "level": 0.95, "seed": 0},
         grid_users=1,
+        targets={"like_rate_gain": 25, "fid_ratio": 1.1},
     )
     audit = {"users": 3, "auc": {"counting_rule": 0.86, "e_sem_hat": 0.7, "true_sem": 1.0}}
     metrics = summarize_metrics(scores, pd.DataFrame(), audit, params).set_index(

@@ -19,6 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["context_embeddings", "alignment_targets", "params:alignment"],
                 ["aligners", "alignment_training_report"],
                 name="train_aligners",
+                tags=["training"],
             ),
             Node(
                 evaluate_alignment,
@@ -32,6 +33,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["alignment_metrics", "aligned_user_embeddings"],
                 name="evaluate_alignment",
+                tags=["reporting"],
             ),
-        ]
+        ],
+        namespace="alignment",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
     )

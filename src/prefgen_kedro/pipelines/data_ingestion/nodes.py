@@ -9,7 +9,7 @@ from PIL import Image
 from pydantic import Field
 
 from prefgen_kedro.data.pickapic import ingest_pickapic
-from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.params import StrictParams
 from prefgen_kedro.world.agent_world import generate_agent_world
 
 

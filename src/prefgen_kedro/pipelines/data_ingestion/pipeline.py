@@ -14,5 +14,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=["images", "interactions", "users", "raw_images", "ingestion_report"],
                 name="ingest",
             )
-        ]
+        ],
+        namespace="data_ingestion",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
     )

@@ -12,16 +12,19 @@ the image (DESIGN.md: no copying).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
+from prefgen_kedro.data.pictures import (
+    context_pictures,
+    load_pictures,
+    preference_contexts,
+)
 from prefgen_kedro.models.alignment import (
     ALIGNER_VARIANTS,
     Aligners,
@@ -38,6 +41,7 @@ from prefgen_kedro.models.diffusion import (
 )
 from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.models.probes import taste_audit
 from prefgen_kedro.models.user_adapter import (
     USER_BRANCH_RECIPE,
     UserAdapter,
@@ -53,14 +57,9 @@ from prefgen_kedro.models.user_generation import (
     preference_scores,
     sample_methods,
 )
-from prefgen_kedro.pipelines.params import StrictParams
-from prefgen_kedro.pipelines.pictures import (
-    context_pictures,
-    load_pictures,
-    preference_contexts,
-)
+from prefgen_kedro.params import DiffusionParams, EvaluationParams
 from prefgen_kedro.provenance import digest_of, run_key
-from prefgen_kedro.training import TrainConfig, train
+from prefgen_kedro.training import train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
@@ -77,52 +76,6 @@ PARTS = (
     "mean_clip",
     TRUE_SEM,
 )
-
-
-class UserSamplingParams(StrictParams):
-    guidance_scale: float = Field(ge=1.0)  # on the prompt
-    user_guidance_scale: float = Field(ge=0.0)  # on the user condition
-    num_inference_steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    mixed_precision: Literal["no", "bf16"]  # bf16 autocast: 2x on this CPU, same images
-
-
-class ValidationParams(StrictParams):
-    users: int | None = Field(default=None, ge=1)  # the first this many (by id); null: all
-    prompts_per_user: int = Field(ge=1)
-    grid_users: int = Field(ge=1)
-    seed: int
-
-
-class ViperStyleParams(StrictParams):
-    beta: float = Field(ge=0.0)  # prompt + beta · (liked text − disliked text)
-    mllm_slot_positions: bool  # as vqa_tuning.slot_positions
-    batch_size: int = Field(ge=1)
-
-
-class DiffusionParams(StrictParams):
-    checkpoint_root: str
-    # null turns a variant off: an environment cannot delete base's keys (soft merging).
-    variants: dict[str, list[str] | None]
-    tokens_per_part: int = Field(ge=1)
-    text_space_parts: list[str]  # fed as tokens unchanged (see UserAdapter)
-    e_img: str
-    caption_dropout: float = Field(ge=0.0, le=1.0)
-    user_dropout: float = Field(ge=0.0, le=1.0)
-    # Train the user key/values (copies of the text ones) too, as IP-Adapter does.
-    train_key_values: bool
-    snr_gamma: float | None
-    # Recompute the frozen UNet's activations in the backward pass (SD 1.5 at 512 px).
-    gradient_checkpointing: bool = False
-    train: TrainConfig
-    sampling: UserSamplingParams
-    validation: ValidationParams
-    viper_style: ViperStyleParams
-
-    @property
-    def active_variants(self) -> dict[str, list[str]]:
-        """The variants to train: name → the parts of the condition it reads."""
-        return {name: parts for name, parts in self.variants.items() if parts is not None}
 
 
 def make_user_conditions(
@@ -282,15 +235,7 @@ def train_user_branches(
             trainable_parameters=trainable,
         )
         adapters[name] = adapter.eval()
-        report["variants"][name] = {
-            "parts": parts,
-            "steps": result.steps,
-            "run": result.record(),
-            "wall_seconds": round(result.wall_seconds, 1),
-            "learning_curve": [
-                {"step": e["step"], "loss": round(e["loss"], 5)} for e in result.history
-            ],
-        }
+        report["variants"][name] = {"parts": parts, **result.summary()}
     return UserBranches.of(adapters), report
 
 
@@ -335,7 +280,12 @@ def evaluate_user_branches(
     ).join(validation, on="user_id")
     canonical = validation.loc[cases["user_id"].unique()]
     contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
-    reader = preference_reader(tuned_mllm, mllm_processor, params.viper_style)
+    reader = MllmPreferenceModel(
+        tuned_mllm,
+        mllm_processor,
+        slot_positions=params.viper_style.mllm_slot_positions,
+        batch_size=params.viper_style.batch_size,
+    )
     samples = sample_methods(
         ["base", *user_branches.adapters, "viper_style"],
         cases,
@@ -389,21 +339,6 @@ def evaluate_user_branches(
     return metrics, grid
 
 
-def preference_reader(
-    tuned_mllm: PreTrainedModel,
-    mllm_processor: ProcessorMixin,
-    params: ViperStyleParams,
-    batch_size: int | None = None,
-) -> MllmPreferenceModel:
-    """The tuned MLLM as ``viper_style`` reads tastes with it (and the evaluation judges)."""
-    return MllmPreferenceModel(
-        tuned_mllm,
-        mllm_processor,
-        slot_positions=params.mllm_slot_positions,
-        batch_size=batch_size or params.batch_size,
-    )
-
-
 def _training_set(
     user_conditions: pd.DataFrame,
     images: pd.DataFrame,
@@ -441,3 +376,14 @@ def _training_set(
             if part in chosen
         },
     )
+
+
+def audit_taste_signal(
+    user_conditions: pd.DataFrame,
+    users: pd.DataFrame,
+    images: pd.DataFrame,
+    params: EvaluationParams,
+) -> dict:
+    """The benchmark's taste audit of the ``params.split`` users' conditions
+    (``probes.taste_audit``)."""
+    return taste_audit(user_conditions, users, images, split=params.split, seed=params.seed)

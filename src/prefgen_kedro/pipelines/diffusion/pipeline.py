@@ -2,13 +2,15 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import evaluate_user_branches, make_user_conditions, train_user_branches
+from .nodes import (
+    audit_taste_signal,
+    evaluate_user_branches,
+    make_user_conditions,
+    train_user_branches,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    # Here, not above: evaluation's nodes import this package's nodes.
-    from prefgen_kedro.pipelines.evaluation.nodes import audit_taste_signal
-
     return Pipeline(
         [
             Node(
@@ -33,6 +35,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["user_conditions", "users", "images", "params:evaluation"],
                 "taste_signal_audit",
                 name="audit_taste_signal",
+                tags=["reporting"],
             ),
             Node(
                 train_user_branches,
@@ -50,6 +53,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["user_branches", "diffusion_training_report"],
                 name="train_user_branches",
+                tags=["training"],
             ),
             Node(
                 evaluate_user_branches,
@@ -74,6 +78,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["diffusion_metrics", "user_branch_grid"],
                 name="evaluate_user_branches",
+                tags=["reporting"],
             ),
-        ]
+        ],
+        namespace="diffusion",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
     )

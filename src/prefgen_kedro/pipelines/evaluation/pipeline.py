@@ -58,6 +58,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 "generation_scores",
                 name="score_generations",
+                tags=["reporting"],
             ),
             Node(
                 fidelity_metrics,
@@ -71,12 +72,14 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 "fidelity",
                 name="fidelity_metrics",
+                tags=["reporting"],
             ),
             Node(
                 summarize_metrics,
                 ["generation_scores", "fidelity", "taste_signal_audit", "params:evaluation"],
                 "metrics",
                 name="summarize_metrics",
+                tags=["reporting"],
             ),
             Node(
                 write_benchmark_report,
@@ -98,6 +101,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["benchmark_markdown", "benchmark_html", "benchmark_figures"],
                 name="write_benchmark_report",
+                tags=["reporting"],
             ),
-        ]
+        ],
+        namespace="evaluation",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
     )

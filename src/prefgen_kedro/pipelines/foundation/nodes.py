@@ -52,7 +52,7 @@ from prefgen_kedro.models.oracle import (
     oracle_loss,
     oracle_training_data,
 )
-from prefgen_kedro.pipelines.params import StrictParams
+from prefgen_kedro.params import StrictParams
 from prefgen_kedro.provenance import RunKey, run_key
 from prefgen_kedro.training import TrainConfig, TrainResult, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
@@ -198,15 +198,11 @@ def _heads() -> dict[str, list[str]]:
 def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> dict:
     return {
         "seed": seed,
-        "steps": result.steps,
+        **result.summary(),
         # Time of this call; a run resumed from a checkpoint (run.resumed_from) trained
         # those steps in an earlier call.
         "wall_seconds": time.perf_counter() - started,
-        "run": result.record(),
         "metrics": metrics,
-        "learning_curve": [
-            {"step": entry["step"], "loss": round(entry["loss"], 4)} for entry in result.history
-        ],
     }
 
 

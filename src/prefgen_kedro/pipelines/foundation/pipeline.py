@@ -1,4 +1,7 @@
-"""The ``foundation`` pipeline (not part of ``__default__``)."""
+"""The ``foundation`` pipeline (not part of ``__default__``), and the two that remake one
+of its models only: ``foundation_mllm`` and ``foundation_unet``."""
+
+from collections.abc import Callable
 
 from kedro.pipeline import Node, Pipeline
 
@@ -6,6 +9,8 @@ from .nodes import (
     check_fid_network,
     make_render_sets,
     pretrain_mllm,
+    replace_base_unet_manifest_entry,
+    replace_mllm_manifest_entry,
     train_attribute_oracle,
     train_base_diffusion,
     train_conditioning_clip,
@@ -41,6 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["conditioning_clip", "clip_tokenizer", "conditioning_clip_report"],
                 name="train_conditioning_clip",
+                tags=["training"],
             ),
             Node(
                 train_evaluation_clip,
@@ -52,6 +58,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["evaluation_clip", "evaluation_clip_report"],
                 name="train_evaluation_clip",
+                tags=["training"],
             ),
             Node(
                 train_attribute_oracle,
@@ -63,6 +70,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["attribute_oracle", "attribute_oracle_report"],
                 name="train_attribute_oracle",
+                tags=["training"],
             ),
             Node(
                 train_base_diffusion,
@@ -78,6 +86,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["base_unet", "noise_scheduler", "base_unet_report", "base_diffusion_grid"],
                 name="train_base_diffusion",
+                tags=["training"],
             ),
             Node(
                 pretrain_mllm,
@@ -90,6 +99,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["foundation_mllm", "foundation_mllm_processor", "mllm_report"],
                 name="pretrain_mllm",
+                tags=["training"],
             ),
             Node(
                 check_fid_network,
@@ -115,6 +125,45 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["foundation_manifest", "encoders_metrics"],
                 name="write_foundation_manifest",
+                tags=["reporting"],
             ),
-        ]
+        ],
+        namespace="foundation",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
+    )
+
+
+def create_mllm_pipeline(**kwargs) -> Pipeline:
+    """The MLLM remade on the shipped conditioning CLIP, its manifest entry replaced and the
+    other entries kept."""
+    return _remake_one(
+        "pretrain_mllm", replace_mllm_manifest_entry, "foundation_mllm", "mllm_report"
+    )
+
+
+def create_unet_pipeline(**kwargs) -> Pipeline:
+    """The base UNet remade on the shipped conditioning CLIP and attribute oracle, its
+    manifest entry replaced and the other entries kept."""
+    return _remake_one(
+        "train_base_diffusion", replace_base_unet_manifest_entry, "base_unet", "base_unet_report"
+    )
+
+
+def _remake_one(
+    trainer: str, replace_entry: Callable[..., dict], model: str, report: str
+) -> Pipeline:
+    """`foundation` cut down to the renders and one trainer, then its manifest entry replaced."""
+    kept = create_pipeline().only_nodes("foundation.make_render_sets", f"foundation.{trainer}")
+    return kept + Pipeline(
+        [
+            Node(
+                replace_entry,
+                ["shipped_foundation_manifest", model, report, "params:foundation.model_dirs"],
+                "foundation_manifest",
+                name=replace_entry.__name__,
+            )
+        ],
+        namespace="foundation",
+        prefix_datasets_with_namespace=False,
     )

@@ -23,6 +23,8 @@ import torch
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
+from prefgen_kedro.data.pictures import load_pictures
+from prefgen_kedro.figures import probe_figure
 from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
 from prefgen_kedro.models.probes import layerwise_accuracy, select_layers
@@ -34,8 +36,7 @@ from prefgen_kedro.models.vqa import (
     sample_contexts,
     sample_vqa_examples,
 )
-from prefgen_kedro.pipelines.params import StrictParams
-from prefgen_kedro.pipelines.pictures import load_pictures
+from prefgen_kedro.params import StrictParams
 from prefgen_kedro.world.agent_world import tastes_are_known
 
 
@@ -232,20 +233,3 @@ def build_user_embeddings(
         e_img=[vector.numpy() for vector in e_img],
     )
     return per_context, user_embeddings
-
-
-def probe_figure(metrics: pd.DataFrame, selection: dict) -> plt.Figure:
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for (task, metric), rows in metrics.groupby(["task", "metric"]):
-        axis.plot(rows["layer"], rows["accuracy"], marker="o", label=f"{task} {metric}")
-    for name, colour in (("e_sem", "tab:green"), ("e_core", "tab:red")):
-        layers = selection[name]
-        axis.axvspan(min(layers) - 0.4, max(layers) + 0.4, color=colour, alpha=0.1, label=name)
-    axis.axhline(selection["inter_user_chance"], color="grey", linestyle=":", linewidth=1)
-    axis.set_xlabel("layer (0 = embeddings)")
-    axis.set_ylabel("probe accuracy")
-    axis.set_ylim(0, 1)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    return figure

@@ -34,6 +34,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["hidden_states", "probe_contexts", "params:probing"],
                 ["probe_metrics", "layer_selection", "probe_accuracy_plot"],
                 name="fit_probes",
+                tags=["training"],
             ),
             Node(
                 build_user_embeddings,
@@ -51,5 +52,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["context_embeddings", "user_embeddings"],
                 name="build_user_embeddings",
             ),
-        ]
+        ],
+        namespace="probing",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
     )

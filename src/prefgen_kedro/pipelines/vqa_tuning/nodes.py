@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel, ProcessorMixin
 
+from prefgen_kedro.data.pictures import load_pictures
 from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.mllm import (
     AnswerLoss,
@@ -41,8 +42,7 @@ from prefgen_kedro.models.vqa import (
     examples_table,
     sample_vqa_examples,
 )
-from prefgen_kedro.pipelines.params import StrictParams
-from prefgen_kedro.pipelines.pictures import load_pictures
+from prefgen_kedro.params import StrictParams
 from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import TrainConfig, shaping_settings, train
 
@@ -191,10 +191,8 @@ def tune_mllm(
             {
                 "stage": index,
                 "k": stage.k,
-                "steps": result.steps,
-                "run": result.record(),
+                **result.summary(),
                 "questions_per_context": stage.questions_per_context,
-                "wall_seconds": round(result.wall_seconds, 1),
                 # Of the steps this run trained; none when the checkpoint was already final.
                 "questions_per_second": round(
                     result.steps_trained

@@ -25,6 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["tuned_mllm", "vqa_tuning_report"],
                 name="tune_mllm",
+                tags=["training"],
             ),
             Node(
                 evaluate_vqa,
@@ -41,6 +42,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["vqa_metrics", "vqa_learning_curve"],
                 name="evaluate_vqa",
+                tags=["reporting"],
             ),
-        ]
+        ],
+        namespace="vqa_tuning",
+        # a group in kedro-viz; datasets keep their catalog names
+        prefix_datasets_with_namespace=False,
     )

@@ -39,3 +39,15 @@ def preference_contexts(
             contexts.index, contexts["liked"], contexts["disliked"], strict=True
         )
     }
+
+
+def generated_pictures(
+    generations: pd.DataFrame, generated_images: Mapping[str, Callable]
+) -> np.ndarray:
+    """The ``generations`` images in table order, uint8 (N, H, W, 3)."""
+    missing = sorted(set(generations["image"]) - set(generated_images))
+    if missing:
+        raise KeyError(f"generated_images has no file for generations rows {missing[:5]}")
+    return np.stack(
+        [np.asarray(generated_images[key]().convert("RGB")) for key in generations["image"]]
+    )
