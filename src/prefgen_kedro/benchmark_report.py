@@ -12,15 +12,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from prefgen_kedro.benchmark import REAL, SIGNAL_LADDER
 from prefgen_kedro.data.pictures import generated_pictures, load_pictures
 from prefgen_kedro.figures import alignment_figure, bar_figure, probe_figure
 from prefgen_kedro.params import DiffusionParams, EvaluationParams, TargetParams
 from prefgen_kedro.report import Report, labelled_rows, metric_table
-
-REAL = "real"
-# The signal ladder: from the user's own liked images down to PrefGen, each rung with the
-# taste AUC of its condition and its like-rate, so a reader sees where the taste is lost.
-SIGNAL_LADDER = (REAL, "oracle_taste", "oracle_state", "prefgen")
 
 # metric -> (column title, higher is better, display scale)
 PREFERENCE_COLUMNS = {

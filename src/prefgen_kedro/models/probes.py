@@ -8,7 +8,7 @@ disliked?) are trained on standardised last-token states. Their accuracy by dept
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,3 +203,68 @@ def taste_audit(
         scores = probe.logits(torch.from_numpy(np.stack(test[part].to_list())).float())
         audit["auc"][part] = mean_auc(scores, taste(test))
     return audit
+
+
+def probe_layers(
+    hidden_states: Mapping[str, torch.Tensor | pd.DataFrame],
+    probe_contexts: pd.DataFrame,
+    inter_user_train_contexts: int,
+    *,
+    fit: Mapping[str, float],
+    rule: Mapping[str, float],
+    seed: int,
+) -> tuple[pd.DataFrame, dict]:
+    """Per layer, the inter-user probe (which training user, from a context it never saw:
+    the first ``inter_user_train_contexts`` contexts train it) and the intra-user probe
+    (liked or not, validation users' questions), as a table, and the layers ``rule``
+    (``select_layers``) picks for ``e_sem`` and ``e_core``."""
+    states = hidden_states["contexts"]
+    train_users = probe_contexts["split"] == "train"
+    user_index = {
+        u: i for i, u in enumerate(sorted(set(probe_contexts.loc[train_users, "user_id"])))
+    }
+    seen = train_users & (probe_contexts["context"] < inter_user_train_contexts)
+    unseen = train_users & (probe_contexts["context"] >= inter_user_train_contexts)
+    labels = torch.tensor([user_index.get(u, -1) for u in probe_contexts["user_id"]])
+    inter = layerwise_accuracy(
+        states[torch.tensor(seen.to_numpy())],
+        labels[torch.tensor(seen.to_numpy())],
+        states[torch.tensor(unseen.to_numpy())],
+        labels[torch.tensor(unseen.to_numpy())],
+        len(user_index),
+        top_k=(1, 5),
+        seed=seed,
+        **fit,
+    )
+    table = hidden_states["question_table"]
+    fit_rows = torch.tensor((table["split"] == "train").to_numpy())
+    test_rows = torch.tensor((table["split"] == "val").to_numpy())
+    answers = torch.tensor(table["label"].to_numpy())
+    intra = layerwise_accuracy(
+        hidden_states["questions"][fit_rows],
+        answers[fit_rows],
+        hidden_states["questions"][test_rows],
+        answers[test_rows],
+        2,
+        seed=seed,
+        **fit,
+    )
+    rows = [
+        {"layer": layer, "task": task, "metric": metric, "accuracy": value}
+        for task, curve in (("inter_user", inter), ("intra_user", intra))
+        for layer, accuracies in enumerate(curve)
+        for metric, value in accuracies.items()
+    ]
+    metrics = pd.DataFrame(rows)
+    chosen = select_layers([a["top1"] for a in inter], **rule)
+    selection = {
+        **chosen,
+        "inter_user_peak_layer": int(np.argmax([a["top1"] for a in inter])),
+        "intra_user_peak_layer": int(np.argmax([a["top1"] for a in intra])),
+        "inter_user_chance": 1.0 / len(user_index),
+        "intra_user_majority": float(
+            max(answers[test_rows].float().mean(), 1 - answers[test_rows].float().mean())
+        ),
+        "rule": rule,
+    }
+    return metrics, selection

@@ -13,69 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import pandas as pd
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from prefgen_kedro.data.pictures import (
-    context_pictures,
-    load_pictures,
-    preference_contexts,
-)
-from prefgen_kedro.models.alignment import (
-    ALIGNER_VARIANTS,
-    Aligners,
-    attribute_phrase_embeddings,
-)
-from prefgen_kedro.models.batches import TensorDictDataset
-from prefgen_kedro.models.clip import EvaluationClip, conditioning_clip_encoders
-from prefgen_kedro.models.diffusion import (
-    DiffusionLoss,
-    encode_latents,
-    encode_prompts,
-    sample_grid,
-    to_diffusion_pixels,
-)
-from prefgen_kedro.models.mllm import MllmPreferenceModel
+from prefgen_kedro.models.alignment import Aligners
+from prefgen_kedro.models.clip import EvaluationClip
+from prefgen_kedro.models.diffusion import encode_prompts
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.probes import taste_audit
-from prefgen_kedro.models.user_adapter import (
-    USER_BRANCH_RECIPE,
-    UserAdapter,
-    UserBranches,
-    UserConditionedUnet,
-    choose_image_embedding,
-)
-from prefgen_kedro.models.user_generation import (
-    draw_prompts,
-    held_out_likes,
-    image_prompts,
-    oracle_preference,
-    preference_scores,
-    sample_methods,
+from prefgen_kedro.models.user_adapter import UserBranches
+from prefgen_kedro.models.user_branches import (
+    branch_training_set,
+    train_user_branch,
+    user_conditions,
+    validate_user_branches,
 )
 from prefgen_kedro.params import DiffusionParams, EvaluationParams
-from prefgen_kedro.provenance import digest_of, run_key
-from prefgen_kedro.training import train
-from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
-
-# A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
-# (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
-# only, never a method.
-TRUE_SEM = "true_sem"
-PARTS = (
-    "e_sem_hat",
-    "e_sem_hat_no_mmd",
-    "oracle_state_hat",
-    "e_core",
-    "e_img",
-    "mean_clip",
-    TRUE_SEM,
-)
+from prefgen_kedro.provenance import digest_of
 
 
 def make_user_conditions(
@@ -92,60 +48,16 @@ def make_user_conditions(
     canonical one the evaluation uses): each aligner's part (``e_sem_hat``, ...), ``e_img``
     and ``mean_clip``, next to the contexts' ``e_sem`` and ``e_core``; in the agent world
     also ``true_sem``."""
-    wanted = {part for parts in params.active_variants.values() for part in parts}
-    unknown = wanted - set(PARTS)
-    if unknown:
-        raise ValueError(f"diffusion.variants name unknown parts {sorted(unknown)}; known: {PARTS}")
-    agent_world = tastes_are_known(users)
-    if TRUE_SEM in wanted and not agent_world:
-        raise ValueError(f"diffusion.variants name {TRUE_SEM!r}, which only simulated users have")
-    encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
-    merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
-    pictures = context_pictures(merged, raw_images)
-    liked_embeddings = [
-        encode_images(np.stack([pictures[i] for i in ids])) for ids in merged["liked"]
-    ]
-    conditions = merged.assign(
-        e_img=[choose_image_embedding(e, params.e_img).numpy() for e in liked_embeddings],
-        mean_clip=[
-            torch.nn.functional.normalize(e.mean(0), dim=0).numpy() for e in liked_embeddings
-        ],
+    return user_conditions(
+        probe_contexts,
+        context_embeddings,
+        aligners,
+        conditioning_clip,
+        clip_tokenizer,
+        raw_images,
+        users,
+        params,
     )
-    for name, mlp in aligners.mlps.items():
-        variant = ALIGNER_VARIANTS[name]
-        with torch.inference_mode():
-            mapped = mlp.token_sets(
-                torch.from_numpy(np.stack(merged[variant.reads].to_list())).float()
-            )
-        conditions[variant.writes] = list(mapped.flatten(1).numpy())
-    missing = wanted - set(conditions) - {TRUE_SEM}
-    if missing:
-        raise ValueError(
-            f"diffusion.variants read parts {sorted(missing)} that no trained aligner wrote"
-        )
-    if agent_world:
-        conditions[TRUE_SEM] = _liked_phrase_states(users, conditioning_clip, clip_tokenizer)[
-            conditions["user_id"]
-        ].to_list()
-    return conditions
-
-
-def _liked_phrase_states(
-    users: pd.DataFrame, conditioning_clip: CLIPModel, clip_tokenizer: PreTrainedTokenizerBase
-) -> pd.Series:
-    """Per user, the text-space states of its liked-attribute phrases (the alignment
-    targets), concatenated."""
-    counts = set(users["liked_attributes"].map(len))
-    if len(counts) != 1:
-        raise ValueError(f"true_sem needs every user to like as many attributes; got {counts}")
-    with torch.inference_mode():
-        _, vocabulary = attribute_phrase_embeddings(conditioning_clip, clip_tokenizer)
-    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
-    states = [
-        vocabulary[[column[a] for a in liked]].flatten().numpy()
-        for liked in users["liked_attributes"]
-    ]
-    return pd.Series(states, index=users["user_id"])
 
 
 def train_user_branches(
@@ -165,7 +77,7 @@ def train_user_branches(
     the samples it trains on (pixels or latents, prompt states, its condition parts), the
     base UNet's weights and the noise schedule, so a variant whose inputs are unchanged is
     reused and any other trains afresh. (Step times: ``benchmarks/adapter_step.py``.)"""
-    dataset = _training_set(
+    dataset = branch_training_set(
         user_conditions,
         images,
         interactions,
@@ -174,68 +86,16 @@ def train_user_branches(
         clip_tokenizer,
         base_vae,
     )
-    text_encoder = conditioning_clip.text_model.float().eval()
-    empty = encode_prompts(text_encoder, clip_tokenizer, [""])
+    empty = encode_prompts(conditioning_clip.text_model.float().eval(), clip_tokenizer, [""])
     unet = base_unet.float()
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
     base = {"unet": digest_of(unet), "noise_scheduler": digest_of(noise_scheduler)}
+    adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
     for name, parts in params.active_variants.items():
-        torch.manual_seed(params.train.seed)
-        text_space = [part for part in parts if part in params.text_space_parts]
-        adapter = UserAdapter.for_unet(
-            unet,
-            {part: dataset.tensors[part].shape[1] for part in parts},
-            params.tokens_per_part,
-            text_space,
+        adapters[name], report["variants"][name] = train_user_branch(
+            name, parts, dataset, unet, noise_scheduler, empty, base, params
         )
-        trainable = adapter.trainable_parameters(params.train_key_values)
-        if not trainable:  # text-space parts read by the text key/values: used as built
-            adapters[name] = adapter.eval()
-            report["variants"][name] = {"parts": parts, "steps": 0}
-            continue
-        result = train(
-            UserConditionedUnet(unet, adapter),
-            dataset,
-            DiffusionLoss(
-                noise_scheduler,
-                empty,
-                params.caption_dropout,
-                params.snr_gamma,
-                user_keys=tuple(parts),
-                user_dropout=params.user_dropout,
-            ),
-            params.train,
-            checkpoint_root=params.checkpoint_root,
-            name=f"user_branch_{name}",
-            key=run_key(
-                {
-                    "parts": parts,
-                    "text_space": text_space,
-                    "recipe": USER_BRANCH_RECIPE,
-                    **params.model_dump(
-                        include={
-                            "tokens_per_part",
-                            "caption_dropout",
-                            "user_dropout",
-                            "train_key_values",
-                            "snr_gamma",
-                        }
-                    ),
-                },
-                # A sample's clean image (pixels or latents), prompt states and the variant's
-                # parts: a change to another part leaves the variant reused.
-                samples={
-                    key: dataset.tensors[key] for key in ("pixel_values", "prompt_embeds", *parts)
-                },
-                empty_prompt=empty,
-                **base,
-            ),
-            trainable_parameters=trainable,
-        )
-        adapters[name] = adapter.eval()
-        report["variants"][name] = {"parts": parts, **result.summary()}
     return UserBranches.of(adapters), report
 
 
@@ -263,118 +123,24 @@ def evaluate_user_branches(
     mean utility and subject accuracy for simulated users, the MLLM judge's P(yes), CLIP
     score and CLIP-I for real ones (whose taste no oracle knows); sampling images/s; and a
     grid of a few users. (The benchmark on test users is the ``evaluation`` pipeline.)"""
-    agent_world = tastes_are_known(users)
-    validation = (
-        user_conditions[(user_conditions["split"] == "val") & (user_conditions["context"] == 0)]
-        .set_index("user_id")
-        .sort_index()
-        .head(params.validation.users)
-    )
-    cases = draw_prompts(
-        validation,
-        interactions,
+    return validate_user_branches(
+        user_branches,
+        user_conditions,
+        users,
         images,
-        params.validation.prompts_per_user,
-        params.validation.seed,
-        subject_only=agent_world,
-    ).join(validation, on="user_id")
-    canonical = validation.loc[cases["user_id"].unique()]
-    contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
-    reader = MllmPreferenceModel(
+        interactions,
+        base_unet,
+        base_vae,
+        noise_scheduler,
+        conditioning_clip,
+        clip_tokenizer,
+        evaluation_clip,
+        attribute_oracle,
         tuned_mllm,
         mllm_processor,
-        slot_positions=params.viper_style.mllm_slot_positions,
-        batch_size=params.viper_style.batch_size,
-    )
-    samples = sample_methods(
-        ["base", *user_branches.adapters, "viper_style"],
-        cases,
-        unet=base_unet.float().eval(),
-        scheduler=noise_scheduler,
-        text_encoder=conditioning_clip.text_model.float().eval(),
-        tokenizer=clip_tokenizer,
-        branches=user_branches.adapters,
-        taste_reader=reader,
-        contexts=contexts,
-        viper_beta=params.viper_style.beta,
-        sampling=params.sampling.model_dump(),
-        vae=base_vae,
-    )
-    if agent_world:
-        oracle = attribute_oracle.float().eval()
-        simulated = simulated_users(users, cases["user_id"])
-    metrics: dict = {"users": len(canonical), "images_per_method": len(cases)}
-    for method, generated in samples.images.items():
-        if agent_world:
-            scores = oracle_preference(oracle, generated, cases["subject"].tolist(), simulated)
-            found = {
-                "like_rate": float(scores["liked"].mean()),
-                "mean_utility": float(scores["utility"].mean()),
-                "subject_accuracy": float(scores["subject_correct"].mean()),
-            }
-        else:
-            scores = preference_scores(
-                generated,
-                cases["prompt"].tolist(),
-                cases["user_id"].tolist(),
-                contexts,
-                evaluation_clip=evaluation_clip,
-                judge=reader,
-            )
-            found = {column: float(value) for column, value in scores.mean().items()}
-        metrics[method] = {**found, "images_per_second": samples.images_per_second[method]}
-    metrics["viper_style"]["taste_answers_read"] = float(
-        np.mean([bool(liked or disliked) for liked, disliked in samples.tastes.values()])
-    )
-    metrics["viper_style"]["example_taste_answers"] = [
-        " | ".join(map(", ".join, taste)) for taste in list(samples.tastes.values())[:4]
-    ]
-    metrics["training"] = training_report
-    grid_cases = cases["subject"][: params.validation.grid_users]
-    grid = sample_grid(
-        np.concatenate([generated[: len(grid_cases)] for generated in samples.images.values()]),
-        None,
-        [f"{name}: {subject}" for name in samples.images for subject in grid_cases],
-    )
-    return metrics, grid
-
-
-def _training_set(
-    user_conditions: pd.DataFrame,
-    images: pd.DataFrame,
-    interactions: pd.DataFrame,
-    raw_images: Mapping[str, Callable],
-    conditioning_clip: CLIPModel,
-    clip_tokenizer: PreTrainedTokenizerBase,
-    vae: AutoencoderKL | None,
-) -> TensorDictDataset:
-    """One sample per (training user's context, liked image of that user outside it), with
-    the image's prompt (``image_prompts``: a render's subject-only prompt, a real image's
-    caption); the clean sample is the image's pixels, or its latents when the UNet has a
-    ``vae``."""
-    likes = held_out_likes(user_conditions[user_conditions["split"] == "train"], interactions)
-    if likes.empty:
-        raise ValueError("no training user has a liked image outside its contexts")
-    targets = likes["image_id"].tolist()
-    pictures = load_pictures({i: raw_images[i] for i in set(targets)})
-    prompt_of = image_prompts(images)[targets]
-    prompts = sorted(set(prompt_of))
-    text = encode_prompts(conditioning_clip.text_model.float().eval(), clip_tokenizer, prompts)
-    position = {prompt: k for k, prompt in enumerate(prompts)}
-    chosen = user_conditions.loc[likes["row"]]
-    liked_pictures = [pictures[i] for i in targets]
-    if vae is None:
-        clean = to_diffusion_pixels(np.stack(liked_pictures))
-    else:
-        clean = encode_latents(vae.eval(), liked_pictures)
-    return TensorDictDataset(
-        pixel_values=clean,
-        prompt_embeds=text[[position[prompt] for prompt in prompt_of]],
-        **{
-            part: torch.from_numpy(np.stack(chosen[part].to_list())).float()
-            for part in PARTS
-            if part in chosen
-        },
+        raw_images,
+        training_report,
+        params,
     )
 
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Literal
 
-import matplotlib
-
-matplotlib.use("Agg")  # noqa: E402 - no display on a CI machine or a server
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
 
@@ -27,7 +24,7 @@ from prefgen_kedro.data.pictures import load_pictures
 from prefgen_kedro.figures import probe_figure
 from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
-from prefgen_kedro.models.probes import layerwise_accuracy, select_layers
+from prefgen_kedro.models.probes import probe_layers
 from prefgen_kedro.models.user_adapter import choose_image_embedding
 from prefgen_kedro.models.vqa import (
     QUESTION,
@@ -135,58 +132,16 @@ def read_hidden_states(
 
 def fit_probes(
     hidden_states: dict, probe_contexts: pd.DataFrame, params: ProbingParams
-) -> tuple[pd.DataFrame, dict, plt.Figure]:
+) -> tuple[pd.DataFrame, dict, Figure]:
     """Per-layer probe accuracies (``probe_metrics``), the chosen layers and the plot."""
-    fit = params.probe.model_dump()
-    states = hidden_states["contexts"]
-    train_users = probe_contexts["split"] == "train"
-    user_index = {
-        u: i for i, u in enumerate(sorted(set(probe_contexts.loc[train_users, "user_id"])))
-    }
-    seen = train_users & (probe_contexts["context"] < params.inter_user_train_contexts)
-    unseen = train_users & (probe_contexts["context"] >= params.inter_user_train_contexts)
-    labels = torch.tensor([user_index.get(u, -1) for u in probe_contexts["user_id"]])
-    inter = layerwise_accuracy(
-        states[torch.tensor(seen.to_numpy())],
-        labels[torch.tensor(seen.to_numpy())],
-        states[torch.tensor(unseen.to_numpy())],
-        labels[torch.tensor(unseen.to_numpy())],
-        len(user_index),
-        top_k=(1, 5),
+    metrics, selection = probe_layers(
+        hidden_states,
+        probe_contexts,
+        params.inter_user_train_contexts,
+        fit=params.probe.model_dump(),
+        rule=params.selection.model_dump(),
         seed=params.seed,
-        **fit,
     )
-    table = hidden_states["question_table"]
-    fit_rows = torch.tensor((table["split"] == "train").to_numpy())
-    test_rows = torch.tensor((table["split"] == "val").to_numpy())
-    answers = torch.tensor(table["label"].to_numpy())
-    intra = layerwise_accuracy(
-        hidden_states["questions"][fit_rows],
-        answers[fit_rows],
-        hidden_states["questions"][test_rows],
-        answers[test_rows],
-        2,
-        seed=params.seed,
-        **fit,
-    )
-    rows = [
-        {"layer": layer, "task": task, "metric": metric, "accuracy": value}
-        for task, curve in (("inter_user", inter), ("intra_user", intra))
-        for layer, accuracies in enumerate(curve)
-        for metric, value in accuracies.items()
-    ]
-    metrics = pd.DataFrame(rows)
-    chosen = select_layers([a["top1"] for a in inter], **params.selection.model_dump())
-    selection = {
-        **chosen,
-        "inter_user_peak_layer": int(np.argmax([a["top1"] for a in inter])),
-        "intra_user_peak_layer": int(np.argmax([a["top1"] for a in intra])),
-        "inter_user_chance": 1.0 / len(user_index),
-        "intra_user_majority": float(
-            max(answers[test_rows].float().mean(), 1 - answers[test_rows].float().mean())
-        ),
-        "rule": params.selection.model_dump(),
-    }
     return metrics, selection, probe_figure(metrics, selection)
 
 
