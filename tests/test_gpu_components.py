@@ -55,8 +55,7 @@ from prefgen_kedro.models.user_adapter import (
     install_user_adapter,
 )
 from prefgen_kedro.models.vqa import sample_vqa_examples, vqa_corpus
-from prefgen_kedro.params import DiffusionParams
-from prefgen_kedro.pipelines.vqa_tuning.nodes import VqaTuningParams
+from prefgen_kedro.params import DiffusionParams, VqaTuningParams
 from prefgen_kedro.training import train
 from prefgen_kedro.world.agent_world import generate_agent_world
 

@@ -3,6 +3,8 @@ made without pyplot's global state)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -63,5 +65,39 @@ def alignment_figure(alignment_metrics: dict) -> Figure:
         color=["tab:blue", "tab:orange"],
     )
     recall.set_title("phrase retrieval recall@5 %", fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def vqa_learning_curve_figure(curve: Sequence[dict], metrics: dict) -> Figure:
+    """Validation yes/no accuracy against training questions seen, with the reference
+    accuracies of ``vqa_metrics`` as lines."""
+    figure = Figure(figsize=(6, 4))
+    axis = figure.add_subplot()
+    if curve:
+        frame = pd.DataFrame(curve)
+        axis.plot(frame["questions_seen"], frame["val_accuracy"], marker="o", label="tuned MLLM")
+    references = metrics["accuracy"]
+    for name, style in (
+        ("counting_rule", "--"),
+        ("label_noise_ceiling", ":"),
+        ("untuned", "-."),
+        ("majority_class", (0, (1, 3))),
+    ):
+        if name in references:
+            axis.axhline(references[name], linestyle=style, color="grey", linewidth=1)
+            # At the axes' left edge whatever the x range (x = 0 lies left of the first point).
+            axis.annotate(
+                name.replace("_", " "),
+                (0.01, references[name]),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                va="bottom",
+            )
+    axis.set_xlabel("training questions seen")
+    axis.set_ylabel(f"validation yes/no accuracy (K={metrics['k']})")
+    axis.set_ylim(0.3, 1.0)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
     figure.tight_layout()
     return figure

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefgen_kedro.models.mllm import AnswerLoss
 from prefgen_kedro.training import TrainConfig
 
 
@@ -105,3 +106,33 @@ class AlignmentParams(StrictParams):
     bandwidth_factors: list[float] = Field(min_length=1)
     retrieval_k: int = Field(ge=1)
     train: TrainConfig
+
+
+class VqaStage(StrictParams):
+    k: int = Field(ge=1)
+    # Questions asked in turn about one context: one chat's answers share its images' cost.
+    questions_per_context: int = Field(default=1, ge=1)
+    train: TrainConfig
+
+
+class LoraParams(StrictParams):
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    target_modules: list[str] | str
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    gradient_checkpointing: bool = False
+
+
+class VqaTuningParams(StrictParams):
+    checkpoint_root: str
+    seed: int
+    with_reasons: bool
+    slot_positions: bool  # as the pretrained model was trained (tiny model: true)
+    lora: LoraParams | None = None  # None: tune the language model and projector fully
+    stages: list[VqaStage] = Field(min_length=1)  # K ramps up; the last K is the default K
+    val_samples_per_user: int = Field(ge=1)
+    curve_every: int = Field(ge=1)  # steps between learning-curve points (× log_every)
+    curve_questions: int = Field(ge=2)
+    judge_batch_size: int = Field(ge=1)
+    # "yes_no": each answer's "Yes"/"No" scored on those two logits alone (``vqa_loss``).
+    answer_loss: AnswerLoss = "language_model"

@@ -15,7 +15,8 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
-from prefgen_kedro.pipelines.alignment.nodes import AlignmentParams, train_aligners
+from prefgen_kedro.params import AlignmentParams
+from prefgen_kedro.pipelines.alignment.nodes import train_aligners
 from prefgen_kedro.pipelines.diffusion.nodes import train_user_branches
 from prefgen_kedro.pipelines.vqa_tuning.nodes import tune_mllm
 from prefgen_kedro.training import TrainConfig
