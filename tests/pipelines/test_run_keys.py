@@ -51,6 +51,7 @@ def test_aligners_are_reused_for_the_same_contexts_only(tmp_path: Path) -> None:
     targets = {
         "vocabulary": torch.randn(5, 6, generator=torch.Generator().manual_seed(0)),
         "phrase_ids": {f"u{u}": [u, u + 1] for u in range(4)},
+        "phrase_groups": list(range(5)),
     }
     train = lambda frame: reused(train_aligners(frame, targets, params)[1])  # noqa: E731
     frame = contexts(users=4, per_user=3)
