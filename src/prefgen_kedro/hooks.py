@@ -307,6 +307,65 @@ class ProvenanceHook:
                 )
 
 
+class PreflightHook:
+    """Before the first node, every path the run would read and does not find, listed at once
+    with how to get it: a checkpoint's ``metadata.fetch`` command (``conf/gpu`` has one per
+    hub folder), the pipeline that makes a dataset, and the Pick-a-Pic shards when the run
+    ingests them. Without it, a run stops at the first missing path, deep in a node."""
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        missing = missing_inputs(pipeline, catalog, run_params.get("env"))
+        if not missing:
+            return
+        remedies: dict[str, list[str]] = {}
+        for name, _, remedy in missing:
+            remedies.setdefault(remedy, []).append(name)
+        raise BadInputError(
+            f"this run reads {len(missing)} path(s) that are not there:\n"
+            + "\n".join(f"- {name}: {path}" for name, path, _ in missing)
+            + "\nTo get them:\n"
+            + "\n".join(f"- {remedy}  # {', '.join(names)}" for remedy, names in remedies.items())
+        )
+
+
+def missing_inputs(pipeline: Any, catalog: Any, env: str | None) -> list[tuple[str, str, str]]:
+    """(dataset, path, how to get it) for every path ``pipeline`` reads that does not exist."""
+    missing = []
+    for name in sorted(pipeline.inputs()):
+        path = _local_path(catalog, name)
+        if path is not None and not path.exists():
+            shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+            missing.append((name, str(shown), _how_to_get(name, catalog, env)))
+    ingests = any(node.name.endswith(".ingest") for node in pipeline.nodes)
+    if ingests and "params:data_ingestion" in catalog:
+        ingestion = catalog.load("params:data_ingestion")
+        if hasattr(ingestion, "model_dump"):  # validated against the node's parameter model
+            ingestion = ingestion.model_dump()
+        shards = Path(ingestion["pickapic"]["shard_dir"])
+        if ingestion["source"] == "pickapic" and not any(shards.glob("*.parquet")):
+            remedy = f"put the Pick-a-Pic v2 parquet shards in {shards} (README: Running on GPUs)"
+            missing.append(("Pick-a-Pic shards", f"{shards}/*.parquet", remedy))
+    return missing
+
+
+def _how_to_get(name: str, catalog: Any, env: str | None) -> str:
+    dataset = catalog.get(name, fallback_to_runtime_pattern=True)
+    fetch = (getattr(dataset, "metadata", None) or {}).get("fetch")
+    if fetch:
+        return fetch
+    from kedro.framework.project import pipelines  # the registry, once the project is set up
+
+    makers = [
+        stage
+        for stage, pipeline in pipelines.items()
+        if stage != "__default__" and name in pipeline.all_outputs()
+    ]
+    if not makers:
+        return "no pipeline makes it"
+    return f"kedro run{f' --env {env}' if env else ''} --pipelines {makers[0]}"
+
+
 # Errors whose message is the whole story: no traceback on the console.
 _PLAIN_ERRORS = (BadInputError, ParameterValidationError)
 

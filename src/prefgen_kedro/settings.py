@@ -19,6 +19,7 @@ CONFIG_LOADER_ARGS = {
 from prefgen_kedro.console import choose_console_logging  # noqa: E402
 from prefgen_kedro.hooks import (  # noqa: E402
     ConsoleErrorHook,
+    PreflightHook,
     ProvenanceHook,
     RunInfoHook,
     TrackingHook,
@@ -26,7 +27,13 @@ from prefgen_kedro.hooks import (  # noqa: E402
 
 choose_console_logging()
 
-HOOKS = (RunInfoHook(), ProvenanceHook(), TrackingHook(), ConsoleErrorHook())
+HOOKS = (
+    PreflightHook(),
+    RunInfoHook(),
+    ProvenanceHook(),
+    TrackingHook(),
+    ConsoleErrorHook(),
+)
 
 # Experiment tracking (kedro-mlflow, conf/base/mlflow.yml) unless PREFGEN_TRACKING=off.
 DISABLE_HOOKS_FOR_PLUGINS = (
