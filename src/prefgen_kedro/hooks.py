@@ -337,8 +337,7 @@ def missing_inputs(pipeline: Any, catalog: Any, env: str | None) -> list[tuple[s
         if path is not None and not path.exists():
             shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
             missing.append((name, str(shown), _how_to_get(name, catalog, env)))
-    ingests = any(node.name.endswith(".ingest") for node in pipeline.nodes)
-    if ingests and "params:data_ingestion" in catalog:
+    if "params:data_ingestion" in pipeline.inputs():  # the run ingests
         ingestion = catalog.load("params:data_ingestion")
         if hasattr(ingestion, "model_dump"):  # validated against the node's parameter model
             ingestion = ingestion.model_dump()

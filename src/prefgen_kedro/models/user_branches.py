@@ -39,7 +39,6 @@ from prefgen_kedro.models.diffusion import (
     sample_grid,
     to_diffusion_pixels,
 )
-from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.user_adapter import (
     USER_BRANCH_RECIPE,
@@ -295,12 +294,7 @@ def validate_user_branches(
     ).join(validation, on="user_id")
     canonical = validation.loc[cases["user_id"].unique()]
     contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
-    reader = MllmPreferenceModel(
-        tuned_mllm,
-        mllm_processor,
-        slot_positions=params.viper_style.mllm_slot_positions,
-        batch_size=params.viper_style.batch_size,
-    )
+    reader = params.viper_style.reader(tuned_mllm, mllm_processor)
     samples = sample_methods(
         ["base", *user_branches.adapters, "viper_style"],
         cases,

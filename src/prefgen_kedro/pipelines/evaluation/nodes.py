@@ -24,7 +24,6 @@ from prefgen_kedro.data.pictures import (
     preference_contexts,
 )
 from prefgen_kedro.models.clip import EvaluationClip
-from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.models.user_generation import (
@@ -97,12 +96,7 @@ def generate_images(
         text_encoder=conditioning_clip.text_model.float().eval(),
         tokenizer=clip_tokenizer,
         branches=user_branches.adapters,
-        taste_reader=MllmPreferenceModel(
-            tuned_mllm,
-            mllm_processor,
-            slot_positions=diffusion.viper_style.mllm_slot_positions,
-            batch_size=diffusion.viper_style.batch_size,
-        ),
+        taste_reader=diffusion.viper_style.reader(tuned_mllm, mllm_processor),
         contexts=preference_contexts(canonical, pictures),
         viper_beta=diffusion.viper_style.beta,
         sampling=diffusion.sampling.model_dump(),
@@ -138,12 +132,7 @@ def score_generations(
     world the oracle's utility, liked verdict and subject check."""
     pixels = generated_pictures(generations, generated_images)
     canonical = evaluation_cases.drop_duplicates("user_id").set_index("user_id")
-    judge = MllmPreferenceModel(
-        tuned_mllm,
-        mllm_processor,
-        slot_positions=diffusion.viper_style.mllm_slot_positions,
-        batch_size=params.judge_batch_size,
-    )
+    judge = diffusion.viper_style.reader(tuned_mllm, mllm_processor, params.judge_batch_size)
     found = preference_scores(
         pixels,
         generations["prompt"].tolist(),
