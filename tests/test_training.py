@@ -1,10 +1,15 @@
 """The shared training loop: exact resume, NaN guard, run folders keyed by settings and
-inputs, reuse of finished runs, accumulation, freezing, the precision a CPU can run."""
+inputs, reuse of finished runs, accumulation, freezing, the precision a CPU can run, and a
+run launched in several processes from a plain one (as a Kedro node does)."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 from torch import nn
@@ -339,3 +344,67 @@ def test_cpu_precision_follows_native_bf16(
     fell_back = [r for r in caplog.records if "no native bf16" in r.getMessage()]
     assert len(fell_back) == (1 if requested != runs_as else 0)  # logged once, not per run
     precision._native_bf16_noted.cache_clear()
+
+
+class RecordingMse:
+    """``mse`` that notes, per rank, each batch's sample indices and the weights it met."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+        x, y, index = batch
+        weights = [param.detach().flatten().tolist() for param in model.parameters()]
+        rank = os.environ.get("RANK", "0")
+        with (self.folder / f"rank{rank}.jsonl").open("a") as record:
+            record.write(json.dumps({"index": index.tolist(), "weights": weights}) + "\n")
+        return nn.functional.mse_loss(model(x), y)
+
+
+def test_a_run_launched_in_two_processes_splits_each_batch_and_loads_back_once(
+    tmp_path: Path,
+) -> None:
+    # The loss is defined here, so it travels by value to the launched processes.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    x, y = make_dataset(16).tensors
+    dataset = TensorDataset(x, y, torch.arange(16))
+    records = tmp_path / "records"
+    records.mkdir()
+    settings = config(max_steps=3, batch_size=2, checkpoint_every=10, log_every=1)
+
+    launched = make_model(dropout=0.0)
+    result = train(
+        launched,
+        dataset,
+        RecordingMse(records),
+        settings.model_copy(update={"processes": 2}),
+        checkpoint_root=tmp_path / "checkpoints",
+        name="launched",
+    )
+
+    ranks = [
+        [json.loads(line) for line in (records / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    assert sorted(path.name for path in records.iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
+    for first, second in zip(*ranks, strict=True):
+        assert len(first["index"]) == len(second["index"]) == 2
+        assert not set(first["index"]) & set(second["index"])
+        assert first["weights"] == second["weights"]  # both ranks hold the same model
+    assert len(ranks[0]) == 3
+    assert (result.steps, result.resumed_from, result.reused) == (3, None, False)
+    assert [entry["step"] for entry in result.history] == [1, 2, 3]
+    # Written once, by the launched run; nothing of the launch is left beside it.
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == [result.run_dir.name]
+
+    # The same steps as one process taking the whole global batch of 4.
+    alone = make_model(dropout=0.0)
+    train(
+        alone,
+        dataset,
+        lambda model, batch: nn.functional.mse_loss(model(batch[0]), batch[1]),
+        settings.model_copy(update={"batch_size": 4}),
+        checkpoint_root=tmp_path / "alone",
+        name="alone",
+    )
+    torch.testing.assert_close(launched.state_dict(), alone.state_dict())

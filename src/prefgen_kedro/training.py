@@ -39,26 +39,36 @@ Any position is thus recomputable from the step alone: a resumed run skips strai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import cloudpickle
 import pydantic
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+
+try:  # transformers 5 records hidden states with hooks on a registry of model classes
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # older ones return them from forward
+    _CAN_RECORD_REGISTRY = None
 
 from prefgen_kedro.console import progress
 from prefgen_kedro.precision import effective_precision
@@ -72,11 +82,19 @@ LogFn = Callable[[int, dict[str, float]], Mapping[str, float] | None]
 
 RUN_KEY_FILE = "run_key.json"
 TRAINER_STATE_FILE = "trainer_state.json"
+LAUNCH_RESULT_FILE = "result.json"
 _CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_PREFIX = ".tmp-"
 # Fields that change how often things are written, not what is trained: a run may resume with
 # different values.
 _BOOKKEEPING_FIELDS = frozenset({"log_every", "checkpoint_every", "checkpoints_total_limit"})
+# Where a run trains, not what: the number of processes is hashed as it runs.
+_PLACEMENT_FIELDS = frozenset({"processes"})
+LAUNCH_MODULE = "prefgen_kedro.launch"
+# transformers' output capturing (utils/output_capturing.py): the flag it sets on a model and
+# the name of the forward hook it registers on its layers.
+_CAPTURING_FLAG = "_output_capturing_hooks_installed"
+_CAPTURING_HOOK = "output_capturing_hook"
 
 
 class TrainConfig(pydantic.BaseModel, extra="forbid"):
@@ -95,6 +113,16 @@ class TrainConfig(pydantic.BaseModel, extra="forbid"):
     seed: int = pydantic.Field(default=0, ge=0)
     log_every: int = pydantic.Field(default=10, ge=1)
     num_workers: int = pydantic.Field(default=0, ge=0)
+    # One process per GPU: above 1 the run is launched (torchrun) and loaded back here;
+    # "auto" takes every visible GPU. The run's folder already names its process count.
+    processes: int | Literal["auto"] = pydantic.Field(default=1)
+
+    @pydantic.field_validator("processes")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"processes must be at least 1 or 'auto', got {value}")
+        return value
 
 
 class NonFiniteLossError(RuntimeError):
@@ -160,7 +188,7 @@ class TrainResult:
 
 def shaping_settings(config: TrainConfig) -> dict[str, Any]:
     """The settings that shape what a run trains: the config minus bookkeeping."""
-    return config.model_dump(exclude=set(_BOOKKEEPING_FIELDS))
+    return config.model_dump(exclude=set(_BOOKKEEPING_FIELDS | _PLACEMENT_FIELDS))
 
 
 def run_hash(config: TrainConfig, key: RunKey | None, num_processes: int = 1) -> str:
@@ -201,7 +229,147 @@ def train(
     process with each history entry; the values it returns (a validation score, say) join that
     entry, so they are checkpointed with the history and a resumed run still reports them.
     ``description`` labels the progress bar (default ``name``).
+
+    With ``config.processes`` above 1 (``"auto"``: the visible GPUs), a process that is not
+    itself one of a launched group hands the whole call to ``torchrun`` (``launch_training``):
+    every argument travels pickled, each process trains its share of every batch, the main
+    one writes the checkpoints, and this process then loads the finished run into ``model``.
+    So a Kedro node trains on every GPU and still saves its outputs once.
     """
+    arguments = {
+        "model": model,
+        "dataset": dataset,
+        "compute_loss": compute_loss,
+        "config": config,
+        "checkpoint_root": checkpoint_root,
+        "name": name,
+        "key": key,
+        "collate_fn": collate_fn,
+        # A list, not a generator: the call may travel pickled.
+        "trainable_parameters": None
+        if trainable_parameters is None
+        else list(trainable_parameters),
+        "on_log": on_log,
+        "description": description,
+    }
+    processes = launch_processes(config.processes)
+    if processes > 1 and launched_world_size() == 1:
+        return launch_training(processes, arguments)
+    return _train_here(**arguments)
+
+
+def launch_processes(processes: int | str) -> int:
+    """How many processes ``processes`` asks for on this machine (``"auto"``: one per
+    visible GPU, at least one)."""
+    if processes == "auto":
+        return max(1, torch.cuda.device_count())
+    return int(processes)
+
+
+def launched_world_size() -> int:
+    """The size of the process group this process was launched in (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_training(processes: int, arguments: dict[str, Any]) -> TrainResult:
+    """Run ``train(**arguments)`` in ``processes`` processes under ``torchrun`` (one machine),
+    then load the finished run into ``arguments["model"]`` here and return its result: the
+    history and ``resumed_from`` of the launched run, the wall time of the whole launch."""
+    started = time.perf_counter()
+    model: nn.Module = arguments["model"]
+    name = arguments["name"]
+    devices = {param.device for param in model.parameters()}
+    # Pickled on the CPU, so that no rank first materialises every copy on the first GPU.
+    model.cpu()
+    root = Path(arguments["checkpoint_root"])
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}launch-{name}-", dir=root) as folder:
+        job = Path(folder) / "job.pkl"
+        with _without_output_capturing(model):
+            job.write_bytes(cloudpickle.dumps(arguments))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            LAUNCH_MODULE,
+            str(job),
+        ]
+        logger.info("%s: training in %d processes: %s", name, processes, " ".join(command))
+        finished = subprocess.run(command, check=False)
+        if finished.returncode != 0:
+            raise RuntimeError(
+                f"{name}: the {processes}-process run failed (exit {finished.returncode}); "
+                f"its checkpoints under {root} resume when it is started again"
+            )
+        launched = json.loads((Path(folder) / LAUNCH_RESULT_FILE).read_text())
+    model.to(next(iter(devices)) if len(devices) == 1 else "cpu")
+    loaded = _train_here(**arguments, run_processes=processes)
+    return TrainResult(
+        history=loaded.history,
+        steps=loaded.steps,
+        wall_seconds=time.perf_counter() - started,
+        resumed_from=launched["resumed_from"],
+        run_dir=loaded.run_dir,
+        key=loaded.key,
+    )
+
+
+@contextlib.contextmanager
+def _without_output_capturing(model: nn.Module) -> Iterator[None]:
+    """``model`` without the output-capturing hooks transformers installs at its first
+    forward: they close over a context variable of their module, and pickled by value they
+    would collect into a copy of it (``hidden_states`` would come back ``None``). A model
+    without them installs them anew where it runs."""
+    removed: list[tuple[nn.Module, Any, dict]] = []
+    for module in model.modules():
+        installed = module.__dict__.pop(_CAPTURING_FLAG, None)
+        hooks = {
+            handle: hook
+            for handle, hook in module._forward_hooks.items()
+            if getattr(hook, "__name__", "") == _CAPTURING_HOOK
+        }
+        for handle in hooks:
+            del module._forward_hooks[handle]
+        removed.append((module, installed, hooks))
+    try:
+        yield
+    finally:
+        for module, installed, hooks in removed:
+            module._forward_hooks.update(hooks)
+            if installed is not None:
+                setattr(module, _CAPTURING_FLAG, installed)
+
+
+def register_output_capturing(model: nn.Module) -> None:
+    """Tell transformers what each pretrained part of an unpickled ``model`` records: it
+    registers that when a model is built, which an unpickled one never was."""
+    if _CAN_RECORD_REGISTRY is None:
+        return
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
+
+def _train_here(
+    model: nn.Module,
+    dataset: Dataset,
+    compute_loss: LossFn,
+    config: TrainConfig,
+    *,
+    checkpoint_root: str | Path,
+    name: str,
+    key: RunKey | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    trainable_parameters: Iterable[nn.Parameter] | None = None,
+    on_log: LogFn | None = None,
+    description: str | None = None,
+    run_processes: int | None = None,
+) -> TrainResult:
+    """``train`` in this process (one of a launched group, or alone). ``run_processes``
+    names a run trained by that many processes, to be loaded here (``launch_training``)."""
     started = time.perf_counter()
     size = len(dataset)  # type: ignore[arg-type]
     if size == 0:
@@ -218,6 +386,9 @@ def train(
         # Without a GPU, accelerate only forms a multi-process (gloo) group when told it is on
         # the CPU; `torchrun`/`accelerate launch` then scale a trainer here as on a cluster.
         cpu=not torch.cuda.is_available(),
+        # A step may leave some trainable parameters unused (a LoRA'd layer a question
+        # never reaches); DDP must then not wait for their gradients.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     prepared = model
     try:
@@ -229,7 +400,7 @@ def train(
             name=name,
             config=config,
             key=key,
-            num_processes=accelerator.num_processes,
+            num_processes=run_processes or accelerator.num_processes,
         )
         optimizer = torch.optim.AdamW(
             params, lr=config.learning_rate, weight_decay=config.weight_decay
