@@ -12,6 +12,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -249,6 +251,47 @@ def test_only_trainable_parameters_change(tmp_path: Path) -> None:
     for after, before in zip(model[3].parameters(), head_before, strict=True):
         assert not torch.equal(after, before)
     assert all(param.requires_grad for param in model.parameters())  # flags restored
+
+
+def test_checkpoints_hold_what_trains_and_resume_onto_the_frozen_base(tmp_path: Path) -> None:
+    def run(model: nn.Module, **extra: object):
+        return train(
+            model,
+            make_dataset(),
+            mse,
+            config(),
+            checkpoint_root=tmp_path / str(extra.pop("root")),
+            name="head",
+            trainable_parameters=model[3].parameters(),
+            **extra,
+        )
+
+    reference = make_model()
+    run(reference, root="a")
+
+    def crash_at_step_6(step: int, entry: dict[str, float]) -> None:
+        if step == 6:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(make_model(), root="b", on_log=crash_at_step_6)
+    (checkpoint,) = (tmp_path / "b").glob("head-*/checkpoint-4")
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as weights:
+        assert set(weights.keys()) == {"3.weight", "3.bias"}  # the frozen layer stays out
+
+    resumed = make_model()  # the same frozen base, as the run key would ensure
+    assert run(resumed, root="b").resumed_from == 4
+    for got, want in zip(
+        resumed.state_dict().values(), reference.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want)
+
+    # A checkpoint without the weights a run trains is refused, naming them.
+    (run_dir,) = (tmp_path / "b").glob("head-*")
+    final = run_dir / "checkpoint-12"
+    save_file({"3.bias": torch.zeros(1)}, final / "model.safetensors")
+    with pytest.raises(RuntimeError, match=r"lacks 1 trained weights \(3\.weight"):
+        run(make_model(), root="b")
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:

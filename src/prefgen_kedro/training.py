@@ -25,11 +25,12 @@ config (minus pure bookkeeping: ``log_every``, ``checkpoint_every``, ``checkpoin
 (``provenance.run_key`` of the parameters and the content of every input: data, pictures, the
 model it starts from) and the number of processes; that folder holds ``run_key.json``. Any
 changed setting or input therefore starts fresh in a new folder, and an identical run resumes
-from the newest ``checkpoint-{step}`` (model, optimizer, scheduler, RNG states and
-``trainer_state.json`` with the history). A checkpoint is written to ``.tmp-checkpoint-{step}``
-and renamed into place, so a crash never leaves a half-written one where a resume would find
-it; one is written every ``checkpoint_every`` steps and at the end (a finished run started again
-loads the final weights and trains zero steps: it is reused).
+from the newest ``checkpoint-{step}`` (the weights that train and the model's buffers, not
+the frozen base, which the run key covers and the model brings; optimizer, scheduler, RNG
+states and ``trainer_state.json`` with the history). A checkpoint is written to
+``.tmp-checkpoint-{step}`` and renamed into place, so a crash never leaves a half-written one
+where a resume would find it; one is written every ``checkpoint_every`` steps and at the end
+(a finished run started again loads the final weights and trains zero steps: it is reused).
 
 Data. The dataset is read as an endless stream of epochs; epoch ``e`` is shuffled by a generator
 seeded from ``(seed, e)`` and cut into ``max(1, len // (batch_size * processes))`` global batches
@@ -40,6 +41,7 @@ Any position is thus recomputable from the step alone: a resumed run skips strai
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -61,6 +63,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
+from safetensors import safe_open
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
@@ -84,6 +87,7 @@ RUN_KEY_FILE = "run_key.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 LAUNCH_RESULT_FILE = "result.json"
 _CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_WEIGHTS = "model.safetensors"  # accelerate's name for the (only) model's weights
 _TMP_PREFIX = ".tmp-"
 # Fields that change how often things are written, not what is trained: a run may resume with
 # different values.
@@ -414,12 +418,16 @@ def _train_here(
         )
         prepared, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         prepared.train()
+        frozen = _frozen_names(model, params)
+        accelerator.register_save_state_pre_hook(functools.partial(_drop_frozen, frozen=frozen))
 
         state = {"step": 0, "history": [], "window": {"count": 0, "sums": {}}}
         resumed_from = None
         last_checkpoint = _latest_checkpoint(run_dir)
         if last_checkpoint is not None:
-            accelerator.load_state(str(last_checkpoint))
+            # The frozen weights are not in it: the model brings them (the run key covers them).
+            accelerator.load_state(str(last_checkpoint), strict=False)
+            _check_holds_trained(last_checkpoint, model, frozen)
             state = json.loads((last_checkpoint / TRAINER_STATE_FILE).read_text())
             resumed_from = state["step"]
             if accelerator.is_main_process:
@@ -672,6 +680,38 @@ def _open_run_dir(
             "move it away rather than resume it"
         )
     return run_dir
+
+
+def _frozen_names(model: nn.Module, trained: list[nn.Parameter]) -> frozenset[str]:
+    """The state-dict names of ``model``'s parameters that do not train (tied names too)."""
+    trained_ids = {id(param) for param in trained}
+    return frozenset(
+        name
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if id(param) not in trained_ids
+    )
+
+
+def _drop_frozen(
+    models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str, *, frozen
+) -> None:
+    """Accelerate's save-state hook: a checkpoint keeps what trains (and the buffers), not the
+    frozen base (an SD 1.5 UNet or a 2B MLLM per checkpoint otherwise)."""
+    for state in weights:
+        for name in frozen & state.keys():
+            del state[name]
+
+
+def _check_holds_trained(checkpoint: Path, model: nn.Module, frozen: frozenset[str]) -> None:
+    """Stop, naming them, if ``checkpoint`` lacks weights this run trains."""
+    with safe_open(checkpoint / _CHECKPOINT_WEIGHTS, framework="pt") as weights:
+        held = set(weights.keys())
+    missing = sorted(set(model.state_dict()) - frozen - held)
+    if missing:
+        raise RuntimeError(
+            f"{checkpoint} lacks {len(missing)} trained weights ({', '.join(missing[:3])}, ...); "
+            "it was written by another run: move it away rather than resume it"
+        )
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
