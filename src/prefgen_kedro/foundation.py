@@ -9,16 +9,38 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from pydantic import BaseModel
 from torch import nn
 
+from prefgen_kedro.provenance import RunKey, run_key
+from prefgen_kedro.world.agent_world import RenderSet
 from prefgen_kedro.world.vocabulary import world_hash
 
 
 class StaleFoundationError(RuntimeError):
     """The shipped foundation models were made for another version of the agent world."""
+
+
+def foundation_run_key(
+    params: BaseModel, renders: RenderSet, *, watching: Iterable[str] = (), **inputs: object
+) -> RunKey:
+    """A foundation trainer's run key: its parameters (but the TrainConfig, which keys the
+    run itself, and the ``watching`` ones, which only watch it train), every render with
+    its caption, and ``inputs`` (the models it reads)."""
+    return run_key(
+        params.model_dump(exclude={"train", *watching}),
+        renders=renders,
+        captions=renders.captions,
+        **inputs,
+    )
+
+
+def round_to_half(model: nn.Module) -> nn.Module:
+    """fp16 round trip: the weights the shipped (fp16) checkpoint will hold, in fp32."""
+    return model.half().float().eval()
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -45,7 +45,6 @@ from prefgen_kedro.training import TrainConfig, train
 from prefgen_kedro.world.agent_world import generate_agent_world
 
 SIZE = 32
-GRID = 2
 TEXT_LAYERS = 2
 VISION = {
     "image_size": SIZE,
@@ -91,12 +90,13 @@ def examples(world):
 @pytest.fixture(scope="module")
 def processor(world):
     tokenizer = train_tokenizer(vqa_corpus(world.images["caption"]), vocab_size=400)
-    return build_tiny_processor(tokenizer, image_size=SIZE, image_token_grid=GRID)
+    return build_tiny_processor(tokenizer, image_size=SIZE)
 
 
 def tiny_mllm(processor, **overrides):
     settings = {
-        "image_token_grid": GRID,
+        "attribute_categories": [2, 3],
+        "matching_attention_std": 0.09,
         "text_width": 32,
         "text_layers": TEXT_LAYERS,
         "text_heads": 2,
@@ -147,8 +147,8 @@ def test_only_answer_tokens_and_eos_carry_labels(world, examples, processor):
         assert labelled.sum() == n and labelled[-n:].all()
         assert item["labels"][-n:].tolist() == [*answer, tokenizer.eos_token_id]
         assert torch.equal(item["input_ids"][-n:], item["labels"][-n:])
-        # 5 images of GRID² pooled tokens each, all in the (unlabelled) prompt
-        assert (item["input_ids"] == processor.image_token_id).sum() == 5 * GRID**2
+        # 5 images of one (attribute) token each, all in the (unlabelled) prompt
+        assert (item["input_ids"] == processor.image_token_id).sum() == 5
         assert item["pixel_values"].shape == (5, 3, SIZE, SIZE)
 
     batch = dataset.collate([dataset[i] for i in range(3)])
@@ -205,13 +205,7 @@ def test_yes_no_loss_scores_each_answers_first_token_on_yes_and_no_alone(world, 
     assert torch.equal(restricted(torch.zeros(2, 6, dtype=torch.long), scores.clone()), scores)
 
 
-@pytest.mark.parametrize("assistant_role", [True, False])
-def test_follow_up_turns_are_the_chat_templates_conversation_each_answer_labelled(
-    world, processor, assistant_role
-):
-    processor = build_tiny_processor(
-        processor.tokenizer, image_size=SIZE, image_token_grid=GRID, assistant_role=assistant_role
-    )
+def test_follow_up_turns_are_the_chat_templates_conversation_each_answer_labelled(world, processor):
     tokenizer = processor.tokenizer
     pictures = list(world.pictures.values())
     turns = [(query_prompt(), [pictures[3]], "No"), (query_prompt(), [pictures[4]], "Yes")]
@@ -240,7 +234,7 @@ def test_slot_positions_put_every_image_slot_on_one_range(world, processor):
         context = PreferenceContext(pictures[:k_liked], pictures[5 : 5 + k_disliked])
         item = encode_vqa(processor, context, pictures[9], "Yes", slot_positions=True)
         ids, positions = item["input_ids"], item["position_ids"]
-        images = positions[ids == image_id].view(-1, GRID**2)
+        images = positions[ids == image_id].view(-1, 1)
         return images, positions, ids
 
     images, positions, ids = slot_positions(3, 2)
@@ -261,17 +255,17 @@ def test_slot_positions_put_every_image_slot_on_one_range(world, processor):
     assert "position_ids" not in plain
 
 
-@pytest.mark.parametrize("own_group_tags", [False, True])
-def test_group_tags_add_each_image_its_markers_tag(world, processor, own_group_tags, tmp_path):
+def test_group_tags_add_each_image_its_markers_tag(world, processor, tmp_path):
     pictures = list(world.pictures.values())
     context = PreferenceContext(pictures[:2], pictures[2:3])
     batch = collate_vqa(
         [encode_vqa(processor, context, pictures[3])],
         pad_token_id=processor.tokenizer.pad_token_id,
     )
-    tagged = tiny_mllm(processor, tag_image_groups=True, own_group_tags=own_group_tags).eval()
+    tagged = tiny_mllm(processor).eval()
     untagged = tiny_mllm(processor).eval()
-    untagged.load_state_dict(tagged.state_dict(), strict=False)  # the same weights but the tags
+    with torch.no_grad():
+        untagged.model.group_tags.weight.zero_()  # the same weights but the tags
     tagged.save_pretrained(tmp_path)
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     captured = {}
@@ -288,18 +282,13 @@ def test_group_tags_add_each_image_its_markers_tag(world, processor, own_group_t
     assert (difference[~is_image] == 0).all()  # text is untouched
     assert torch.equal(captured["loaded"], captured["tagged"])
     markers = [processor.tokenizer.convert_tokens_to_ids(m) for m in MARKERS]
-    if own_group_tags:  # a table of their own, apart from the markers' input embeddings
-        table = tagged.model.group_tags.weight
-        tag_of = {marker: table[row] for row, marker in enumerate(sorted(markers))}
-    else:
-        tag_of = {marker: tagged.get_input_embeddings().weight[marker] for marker in markers}
+    # a table of their own, apart from the markers' input embeddings
+    table = tagged.model.group_tags.weight
+    tag_of = {marker: table[row] for row, marker in enumerate(sorted(markers))}
     expected = [markers[0]] * 2 + [markers[1]] + [markers[2]]  # liked, liked, disliked, query
     for image, marker in enumerate(expected):
-        rows = difference[is_image].view(4, GRID**2, -1)[image]
+        rows = difference[is_image].view(4, 1, -1)[image]
         assert torch.allclose(rows, tag_of[marker].expand_as(rows), atol=1e-6)
-    if own_group_tags:
-        with pytest.raises(ValueError, match="tag_image_groups"):
-            tiny_mllm(processor, own_group_tags=True)
 
 
 def test_vision_tower_starts_from_the_conditioning_clip(processor, make_conditioning_clip):
@@ -317,11 +306,11 @@ def test_initializer_range_sets_the_language_models_and_projectors_initial_scale
     language = model.model.language_model
     for weights in (
         language.embed_tokens.weight,
-        language.layers[0].self_attn.q_proj.weight,
+        language.layers[0].self_attn.v_proj.weight,
         model.model.multi_modal_projector.linear_1.weight,
     ):
         assert weights.std().item() == pytest.approx(0.08, rel=0.1)
-    default = tiny_mllm(processor).model.language_model.layers[0].self_attn.q_proj.weight
+    default = tiny_mllm(processor).model.language_model.layers[0].self_attn.v_proj.weight
     assert default.std().item() == pytest.approx(0.02, rel=0.1)
 
 
@@ -339,8 +328,8 @@ def test_matching_attention_starts_with_each_layers_key_projection_equal_to_its_
     scores = attention.q_proj(hidden) @ attention.k_proj(hidden).transpose(1, 2)
     assert torch.allclose(scores, scores.transpose(1, 2), atol=1e-5)
     assert (scores.diagonal(dim1=1, dim2=2) > 0).all()
-    untied = tiny_mllm(processor).model.language_model.layers[0].self_attn
-    assert not torch.equal(untied.q_proj.weight, untied.k_proj.weight)
+    with pytest.raises(ValueError, match="matching_attention_std"):
+        tiny_mllm(processor, matching_attention_std=0.0)
 
 
 def test_a_chat_asks_its_follow_up_questions_in_turn(world, processor):
@@ -364,35 +353,12 @@ def test_a_chat_asks_its_follow_up_questions_in_turn(world, processor):
         VqaDataset([opening, orphan], world.pictures, processor)
 
 
-@pytest.mark.parametrize("assistant_role", [True, False])
-def test_without_the_assistant_role_the_answer_follows_the_query_image(
-    world, examples, processor, assistant_role
-):
-    # Without the role word the first answer token is predicted at the query's last image
-    # token, where the comparison with the context is made.
-    processor = build_tiny_processor(
-        processor.tokenizer, image_size=SIZE, image_token_grid=GRID, assistant_role=assistant_role
-    )
+def test_the_answer_follows_the_query_image(world, examples, processor):
+    # No role word: the first answer token is predicted at the query's (last) image token,
+    # where the comparison with the context is made.
     item = VqaDataset(examples, world.pictures, processor)[0]
     first_answer = (item["labels"] != IGNORE_INDEX).nonzero()[0].item()
-    before_answer = processor.tokenizer.decode(item["input_ids"][first_answer - 3 : first_answer])
-    if assistant_role:
-        assert before_answer.endswith("ASSISTANT:")
-    else:
-        assert item["input_ids"][first_answer - 1] == processor.image_token_id
-
-
-def test_cls_token_last_puts_each_images_cls_token_after_its_patches(processor):
-    features = torch.randn(3, 1 + 4, VISION["hidden_size"])  # CLS, then a 2×2 patch grid
-    first, last = (
-        tiny_mllm(processor, cls_token=True, cls_token_last=where, image_token_grid=1)
-        for where in (False, True)
-    )
-    last.model.multi_modal_projector.load_state_dict(first.model.multi_modal_projector.state_dict())
-    tokens_first = first.model.multi_modal_projector(features)
-    tokens_last = last.model.multi_modal_projector(features)
-    assert tokens_first.shape == tokens_last.shape == (3, 2, first.config.text_config.hidden_size)
-    assert torch.allclose(tokens_first.flip(1), tokens_last)
+    assert item["input_ids"][first_answer - 1] == processor.image_token_id
 
 
 def test_orthogonal_matching_starts_attention_as_the_count_of_shared_attribute_values(
@@ -401,12 +367,9 @@ def test_orthogonal_matching_starts_attention_as_the_count_of_shared_attribute_v
     categories = [3, 4]
     model = tiny_mllm(
         processor,
-        cls_token=True,
-        image_token_grid=0,
         attribute_categories=categories,
         text_head_dim=48,  # wider than the model: its form is still the dot product
         matching_attention_std=0.1,
-        matching_attention_orthogonal=True,
     )
     language = model.model.language_model
     embeddings = model.model.multi_modal_projector.attribute_embeddings.weight  # (32, 7)
@@ -426,21 +389,13 @@ def test_orthogonal_matching_starts_attention_as_the_count_of_shared_attribute_v
     shared = (values[:, None, :] == values[None, :, :]).sum(-1).float()
     for head in logits:
         assert torch.allclose(head, head[0, 0] / 2 * shared, atol=1e-3)
-    with pytest.raises(ValueError, match="needs matching_attention_std"):
-        tiny_mllm(processor, matching_attention_orthogonal=True)
 
 
 def test_attribute_token_is_its_categories_probability_weighted_value_embeddings(
     processor, tmp_path
 ):
     categories = [2, 3]
-    model = tiny_mllm(
-        processor,
-        cls_token=True,
-        cls_token_last=True,
-        image_token_grid=1,
-        attribute_categories=categories,
-    ).eval()
+    model = tiny_mllm(processor, attribute_categories=categories).eval()
     projector = model.model.multi_modal_projector
     features = torch.randn(3, 1 + 4, VISION["hidden_size"])  # CLS, then a 2×2 patch grid
     with torch.no_grad():
@@ -449,10 +404,8 @@ def test_attribute_token_is_its_categories_probability_weighted_value_embeddings
         projector.attribute_readout.bias.copy_(torch.tensor([0.0, 50.0, 0.0, 0.0, 50.0]))
         tokens = projector(features)
     embeddings = projector.attribute_embeddings.weight  # (width, values)
-    assert tokens.shape == (3, 2, model.config.text_config.hidden_size)
-    assert torch.allclose(tokens[:, 1], (embeddings[:, 1] + embeddings[:, 4]).expand(3, -1))
-    patches = projector.linear_2(projector.act(projector.linear_1(features[:, 1:].mean(1))))
-    assert torch.allclose(tokens[:, 0], patches, atol=1e-6)
+    assert tokens.shape == (3, 1, model.config.text_config.hidden_size)
+    assert torch.allclose(tokens[:, 0], (embeddings[:, 1] + embeddings[:, 4]).expand(3, -1))
     # Each image's value embeddings start near unit variance, above its group tag.
     assert 0.5 < embeddings.std().item() * len(categories) ** 0.5 < 2.0
     # The read-out is frozen with the vision tower; the value embeddings learn.
@@ -464,8 +417,8 @@ def test_attribute_token_is_its_categories_probability_weighted_value_embeddings
     assert loaded.config.attribute_categories == categories
     with torch.no_grad():
         assert torch.equal(loaded.model.multi_modal_projector(features), tokens)
-    with pytest.raises(ValueError, match="CLS"):
-        tiny_mllm(processor, attribute_categories=categories)
+    with pytest.raises(ValueError, match="attribute_categories"):
+        tiny_mllm(processor, attribute_categories=[])
 
 
 def test_saved_model_and_processor_load_through_the_auto_classes(world, examples, processor, saved):
@@ -483,46 +436,24 @@ def test_saved_model_and_processor_load_through_the_auto_classes(world, examples
         assert torch.allclose(model(**batch).logits, reference(**batch).logits, atol=1e-6)
 
 
-@pytest.mark.parametrize(("grid", "cls_token"), [(1, False), (4, False), (1, True), (2, True)])
-def test_processor_writes_as_many_image_tokens_as_the_model_fills(
-    world, processor, grid, cls_token
-):
-    grid_processor = build_tiny_processor(
-        processor.tokenizer, image_size=SIZE, image_token_grid=grid, cls_token=cls_token
-    )
-    model = tiny_mllm(grid_processor, image_token_grid=grid, cls_token=cls_token)
+def test_each_image_is_its_attribute_token_alone(world, processor):
+    model = tiny_mllm(processor).eval()
     pictures = list(world.pictures.values())
-    item = encode_vqa(grid_processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
-    assert (item["input_ids"] == grid_processor.image_token_id).sum() == 3 * (grid**2 + cls_token)
-    batch = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)
-    assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
-
-
-def test_grid_zero_gives_each_image_its_attribute_token_alone(world, processor):
-    token_processor = build_tiny_processor(
-        processor.tokenizer, image_size=SIZE, image_token_grid=0, cls_token=True
-    )
-    model = tiny_mllm(
-        token_processor, image_token_grid=0, cls_token=True, attribute_categories=[2, 3]
-    ).eval()
-    pictures = list(world.pictures.values())
-    item = encode_vqa(token_processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
-    assert (item["input_ids"] == token_processor.image_token_id).sum() == 3
+    item = encode_vqa(processor, PreferenceContext(pictures[:1], pictures[1:2]), pictures[2])
+    assert (item["input_ids"] == processor.image_token_id).sum() == 3
     features = torch.randn(3, 1 + 64, VISION["hidden_size"])  # CLS, then an 8×8 patch grid
     projector = model.model.multi_modal_projector
     with torch.no_grad():
         assert torch.equal(projector(features), projector.attribute_token(features)[:, None])
         batch = collate_vqa([item], pad_token_id=processor.tokenizer.pad_token_id)
         assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
-    with pytest.raises(ValueError, match="cls_token"):
-        build_tiny_processor(processor.tokenizer, image_size=SIZE, image_token_grid=0)
-    with pytest.raises(ValueError, match="attribute token"):
-        tiny_mllm(token_processor, image_token_grid=0, cls_token=True)
 
 
 @pytest.mark.parametrize("slot_positions", [False, True])
 def test_inference_is_batched_and_padding_free(world, examples, processor, slot_positions):
-    model = tiny_mllm(processor)
+    # At the shipped scale (not 0.02) greedy answers have no near-ties that batching's
+    # rounding could flip.
+    model = tiny_mllm(processor, initializer_range=0.08)
     inference = MllmPreferenceModel(
         model, processor, slot_positions=slot_positions, batch_size=3, max_new_tokens=5
     )

@@ -53,30 +53,28 @@ def pool():
 @pytest.fixture(scope="module")
 def processor(pool):
     tokenizer = train_tokenizer(vqa_corpus(pool.captions, [DESCRIBE]), vocab_size=400)
-    return build_tiny_processor(tokenizer, image_size=SIZE, image_token_grid=1, cls_token=True)
+    return build_tiny_processor(tokenizer, image_size=SIZE)
 
 
 # The smallest foundation MLLM architecture pretraining runs here.
 ARCHITECTURE = {
-    "image_token_grid": 1,
-    "cls_token": True,
-    "tag_image_groups": True,
     "text_width": 16,
     "text_layers": 1,
     "text_heads": 2,
     "max_positions": 256,
     "initializer_range": 0.08,
+    "matching_attention_std": 0.1,
 }
+CATEGORY_SIZES = [len(values) for values in CATEGORIES.values()]
 
 
 def attribute_mllm(processor, clip):
-    """A model of ``ARCHITECTURE`` with an attribute token, on ``clip``'s vision tower."""
-    categories = [len(values) for values in CATEGORIES.values()]
+    """A model of ``ARCHITECTURE`` on ``clip``'s vision tower."""
     return build_tiny_mllm(
         processor.tokenizer,
         vision_from=clip,
         seed=0,
-        attribute_categories=categories,
+        attribute_categories=CATEGORY_SIZES,
         **ARCHITECTURE,
     )
 
@@ -308,14 +306,9 @@ def test_caption_task_labels_the_caption(pool, processor):
 def test_evaluation_compares_the_judge_with_the_counting_rule(pool, processor):
     model = build_tiny_mllm(
         processor.tokenizer,
-        image_token_grid=1,
-        cls_token=True,
-        tag_image_groups=True,
-        text_width=16,
-        text_layers=1,
-        text_heads=2,
-        max_positions=256,
+        **ARCHITECTURE,
         seed=0,
+        attribute_categories=CATEGORY_SIZES,
         vision_config={
             "image_size": SIZE,
             "patch_size": 4,
@@ -336,21 +329,16 @@ def test_evaluation_compares_the_judge_with_the_counting_rule(pool, processor):
     assert result["counting_rule"] > 0.6
 
 
-# attribute_token: with own group tags and the yes/no answer loss too
-@pytest.mark.parametrize("attribute_token", [False, True])
+# with either answer loss
+@pytest.mark.parametrize("answer_loss", ["language_model", "yes_no"])
 def test_pretrain_runs_the_stages_in_order_and_resumes_them(
-    pool, tmp_path, make_conditioning_clip, attribute_token
+    pool, tmp_path, make_conditioning_clip, answer_loss
 ):
     clip = make_conditioning_clip(SIZE, patch_size=8)
     train = {"batch_size": 4, "learning_rate": 1e-3, "checkpoint_every": 2, "seed": 0}
     params = MllmPretrainParams.model_validate(
         {
-            "architecture": ARCHITECTURE
-            | {
-                "vocab_size": 400,
-                "attribute_token": attribute_token,
-                "own_group_tags": attribute_token,
-            },
+            "architecture": ARCHITECTURE | {"vocab_size": 400},
             "attribute_readout": {"steps": 20, "batch_size": 32},
             "slot_positions": True,
             "simulated_users": {"n_liked": 2, "n_disliked": 2},
@@ -361,7 +349,7 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
                     "task": "preference",
                     "k": (1, 2),
                     "copy_probability": 0.5,
-                    "answer_loss": "yes_no" if attribute_token else "language_model",
+                    "answer_loss": answer_loss,
                     # the taste head's stage, with either answer loss
                     "taste_probability": 0.5,
                     "taste_head_weight": 1.0,
@@ -397,9 +385,6 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
         model.state_dict().items(), again.state_dict().values(), strict=True
     ):
         assert torch.equal(value, other), name
-    if not attribute_token:
-        assert "attribute_readout_heldout_accuracy" not in report["metrics"]
-        return
     assert set(report["metrics"]["attribute_readout_heldout_accuracy"]) == set(CATEGORIES)
     assert model.model.group_tags.weight.shape == (3, ARCHITECTURE["text_width"])
     # The read-out is fitted first, then frozen through every stage.

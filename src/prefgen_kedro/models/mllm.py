@@ -5,31 +5,28 @@ so a hub checkpoint (``Qwen/Qwen2-VL-2B-Instruct`` in ``gpu``) and the agent wor
 take the same road; prompts go through the processor's chat template, images through its
 image processor, so nothing here knows which model it drives.
 
-The tiny model is LLaVA: a CLIP vision tower (optionally the conditioning CLIP's weights), a
-small Llama, and one change: ``PooledLlavaForConditionalGeneration`` average-pools the vision
-tower's patch grid to ``image_token_grid``² tokens before the projector (a 32×32 render at
-patch 4 gives 64 patches; 2×2 pooling gives 4 tokens; a grid of 0 gives none, leaving the
-attribute token below alone), because the prototype needed short sequences for many images.
-It is registered with ``AutoConfig`` and ``AutoModelForImageTextToText`` when this module is
-imported (``model_type`` = ``prefgen_pooled_llava``), so ``from_pretrained`` works on a saved
-one without ``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` whose
-``patch_size`` is the pooled token's footprint (16 px), so it writes as many image tokens as the
-model fills.
+The tiny model is LLaVA: the conditioning CLIP's vision tower, a small Llama, and one token
+per image, its *attribute token* (``PooledLlavaForConditionalGeneration``): one softmax per
+attribute category read out of the frozen vision tower's CLS token and mean patch, each value
+with a learned embedding. It is registered with ``AutoConfig`` and
+``AutoModelForImageTextToText`` when this module is imported (``model_type`` =
+``prefgen_pooled_llava``), so ``from_pretrained`` works on a saved one without
+``trust_remote_code``. Its processor is a stock ``LlavaProcessor`` that writes one image token
+per image (the CLS token's place).
 
-Three options help a model that learns comparison from nothing (the tiny one), none changes
-what the processor writes (two more, ``cls_token_last`` and the chat template's
-``assistant_role``, decide which token an answer is read at: see ``build_tiny_mllm``):
+Three things help a model that learns comparison from nothing (the tiny one); how they were
+found is in experiments/README.md:
 
 - Slot-aligned positions (``slot_positions``): every image slot (its group marker and its
   image tokens) gets the same position ids, and text continues after a slot's end. Any two
   images are then at distance 0, so attention compares them by content alone, and the
   positions do not depend on K. Plain ``position_ids``, for models with 1-D positions (not
   Qwen2-VL's 3-D M-RoPE; leave it off there).
-- Group tags (config ``tag_image_groups``): each image's tokens also carry the embedding of
-  the marker before them, so which group an image is in is part of every image token.
+- Group tags: each image token also carries a tag of the marker before it (a row of a table
+  of its own), so which group an image is in is part of every image token.
 - Matching attention (``build_tiny_mllm(matching_attention_std=...)``): every layer's key
-  projection starts equal to its query projection, so attention starts as similarity (with
-  ``matching_attention_orthogonal``, as the count of attribute values two images share).
+  projection starts equal to its query projection, an orthogonal matrix per head, so
+  attention starts as the count of attribute values two images share.
 
 Public API:
 
@@ -102,51 +99,39 @@ _TOKEN_KEYS = frozenset(
     {"input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "mm_token_type_ids"}
 )
 _PAD_VALUES = {"labels": IGNORE_INDEX}
-# The tiny chat templates' role words, added to the tokenizer's corpus so each is few tokens.
+# Role words added to the tokenizer's corpus so each is few tokens ("ASSISTANT:" is no longer
+# in the chat template, but the shipped tokenizer was trained with it).
 _CHAT_ROLES = ("USER:", "ASSISTANT:")
 
 
-def tiny_chat_template(*, assistant_role: bool = True) -> str:
-    """The tiny processor's chat template: "USER: <prompt>", a line break, "ASSISTANT:" and
-    the answer after the colon, or without ``assistant_role`` "USER: <prompt>" and the answer right
-    after the prompt's last token; assistant turns end with the eos token either way.
-
-    Without the role, a preference prompt's answer is read at the query's last image token,
-    where attention compares the query with the context; a role word after it has to fetch
-    that comparison with a second attention hop, which a symbolic prototype of the tiny
-    model did not find (experiments/README.md).
-    """
-    role, turn_end, generation_prompt = (
-        ("ASSISTANT:", "\n", "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-        if assistant_role
-        else ("", "", "")
-    )
+def tiny_chat_template() -> str:
+    """The tiny processor's chat template: "USER: <prompt>" and the answer right after the
+    prompt's last token, assistant turns ending with the eos token. A preference prompt's
+    answer is thus read at the query's last image token, where attention compares the query
+    with the context (a role word after it would have to fetch that comparison with a second
+    attention hop, which a symbolic prototype of the tiny model did not find)."""
     return (
         "{% for message in messages %}"
-        "{{ 'USER: ' if message['role'] == 'user' else '" + role + "' }}"
+        "{{ 'USER: ' if message['role'] == 'user' else '' }}"
         "{% if message['content'] is string %}{{ message['content'] }}"
         "{% else %}{% for part in message['content'] %}"
         "{{ '" + IMAGE_PLACEHOLDER + "' if part['type'] == 'image' else part['text'] }}"
         "{% endfor %}{% endif %}"
         "{{ eos_token if message['role'] == 'assistant' else '' }}"
-        + turn_end
-        + "{% endfor %}"
-        + generation_prompt
+        "{% endfor %}"
     )
 
 
-# ---- the tiny model: LLaVA with pooled image tokens -------------------------------------
+# ---- the tiny model: LLaVA with one attribute token an image ---------------------------
 
 
 @strict
 class PooledLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` plus the side of the pooled image-token grid and whether image tokens
-    carry their group marker's embedding."""
+    """``LlavaConfig`` plus the attribute token's categories and the group markers' ids.
+    (A saved config may still hold ``image_token_grid``, ``tag_image_groups`` and
+    ``cls_token_last``, options of earlier versions: they are ignored.)"""
 
     model_type = "prefgen_pooled_llava"
-    image_token_grid: int = 2
-    tag_image_groups: bool = False
-    cls_token_last: bool = False
     # Sizes of the attribute categories an image's attribute token reads (``_PooledProjector``).
     attribute_categories: list[int] | None = None
     # Marker token ids whose images get a tag of their own (``PooledLlavaModel``).
@@ -154,53 +139,32 @@ class PooledLlavaConfig(LlavaConfig):
 
 
 class _PooledProjector(LlavaMultiModalProjector):
-    """Average-pools the (square) patch grid to ``image_token_grid``² tokens, then projects.
-
-    With ``attribute_categories`` the CLS token's place holds an *attribute token* instead
-    (with ``image_token_grid`` 0 an image's only token):
-    a linear read-out of the CLS token and the mean patch to one softmax per category (a
-    render has one colour, one pattern, one tone...), each value with a learned embedding,
+    """Maps an image's vision features (CLS token first) to its one token, the *attribute
+    token*: a linear read-out of the CLS token and the mean patch to one softmax per category
+    (a render has one colour, one pattern, one tone...), each value with a learned embedding,
     the token being their probability-weighted sum. Its read-out is fitted to the renders'
     attributes (``fit_attribute_readout``), a structured form of LLaVA's caption alignment,
     and kept frozen with the vision tower (``frozen_parameters``): compared by similarity,
     such features answer preference questions nearly as well as the true attributes, raw
     CLIP features far worse (experiments/README.md, "What the vision tower allows").
+    LLaVA's two projection layers are kept (the checkpoint holds them) but unused.
     """
 
     def __init__(self, config: PooledLlavaConfig) -> None:
         super().__init__(config)
-        self.grid = config.image_token_grid
-        self.keep_cls = config.vision_feature_select_strategy == "full"
-        self.cls_last = config.cls_token_last
         self.categories = list(config.attribute_categories or ())
-        if self.grid == 0 and not self.categories:
-            raise ValueError("image_token_grid 0 needs the attribute token (attribute_categories)")
-        if self.categories:
-            if not self.keep_cls:
-                raise ValueError("an attribute token takes the CLS token's place: keep the CLS")
-            width = config.vision_config.hidden_size
-            self.attribute_readout = nn.Linear(2 * width, sum(self.categories))
-            self.attribute_embeddings = nn.Linear(
-                sum(self.categories), config.text_config.hidden_size, bias=False
-            )
+        if not self.categories:
+            raise ValueError("the attribute token needs attribute_categories")
+        if config.vision_feature_select_strategy != "full":
+            raise ValueError("the attribute token reads the CLS token: keep it ('full')")
+        width = config.vision_config.hidden_size
+        self.attribute_readout = nn.Linear(2 * width, sum(self.categories))
+        self.attribute_embeddings = nn.Linear(
+            sum(self.categories), config.text_config.hidden_size, bias=False
+        )
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        if self.grid == 0:
-            return self.attribute_token(image_features)[:, None]
-        n, tokens, width = image_features.shape
-        # With vision_feature_select_strategy="full" the CLS token comes first and is kept.
-        cls = image_features[:, :1] if self.keep_cls else image_features[:, :0]
-        patches = image_features[:, cls.shape[1] :]
-        side = round(patches.shape[1] ** 0.5)
-        if side * side != patches.shape[1]:
-            raise ValueError(f"{patches.shape[1]} patch features are not a square grid")
-        grid = patches.transpose(1, 2).reshape(n, width, side, side)
-        pooled = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)
-        if self.categories:
-            image = [super().forward(pooled), self.attribute_token(image_features)[:, None]]
-            return torch.cat(image if self.cls_last else image[::-1], dim=1)
-        tokens = [pooled, cls] if self.cls_last else [cls, pooled]
-        return super().forward(torch.cat(tokens, dim=1))
+        return self.attribute_token(image_features)[:, None]
 
     @staticmethod
     def readout_inputs(image_features: torch.Tensor) -> torch.Tensor:
@@ -219,13 +183,11 @@ class _PooledProjector(LlavaMultiModalProjector):
 
 
 class PooledLlavaModel(LlavaModel):
-    """``LlavaModel`` with the pooling projector and, with ``tag_image_groups``, image tokens
-    that carry a tag of the token right before their run (the group marker): the marker's
-    input embedding or, with ``group_tag_markers``, a row of ``group_tags`` of its own.
-
-    Its own: a marker's embedding is also the marker token's input, where the RMS norm scales
-    it up to a whole token; that use's gradient swamps the small tag's, and a symbolic stand-in
-    that shared them stayed at chance where separate tags learned (experiments/README.md).
+    """``LlavaModel`` with the attribute-token projector and image tokens that carry a tag
+    of the token right before their run (the group marker): a row of ``group_tags``, a table
+    of its own. (A tag shared with the marker's input embedding, where the RMS norm scales it
+    up to a whole token, had its gradient swamped by that use, and a symbolic stand-in that
+    shared them stayed at chance: experiments/README.md.)
     """
 
     config_class = PooledLlavaConfig
@@ -233,14 +195,14 @@ class PooledLlavaModel(LlavaModel):
     def __init__(self, config: PooledLlavaConfig) -> None:
         super().__init__(config)
         self.multi_modal_projector = _PooledProjector(config)
-        markers = config.group_tag_markers or []
-        if markers:
-            self.group_tags = nn.Embedding(len(markers), config.text_config.hidden_size)
+        if not config.group_tag_markers:
+            raise ValueError("group tags need group_tag_markers")
+        self.group_tags = nn.Embedding(
+            len(config.group_tag_markers), config.text_config.hidden_size
+        )
         self.post_init()
 
     def _group_tags(self, markers: torch.Tensor) -> torch.Tensor:
-        if not self.config.group_tag_markers:
-            return self.get_input_embeddings()(markers)
         is_marker = markers[:, None] == torch.tensor(
             self.config.group_tag_markers, device=markers.device
         )
@@ -261,9 +223,8 @@ class PooledLlavaModel(LlavaModel):
         the frozen vision tower is then skipped, the projector and the rest run as usual."""
         if pixel_values is not None and vision_features is not None:
             raise ValueError("give pixel_values or vision_features, not both")
-        has_images = pixel_values is not None or vision_features is not None
-        if not (has_images and (vision_features is not None or self.config.tag_image_groups)):
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+        if pixel_values is None and vision_features is None:
+            return super().forward(input_ids=input_ids, **kwargs)
         if input_ids is None:
             raise ValueError("images need input_ids to find their image tokens")
         if kwargs.pop("mm_encoder_outputs", None) is not None:
@@ -278,25 +239,23 @@ class PooledLlavaModel(LlavaModel):
         else:
             projected = self.multi_modal_projector(vision_features)
             image_outputs = BaseModelOutputWithPooling(pooler_output=list(projected))
-        if self.config.tag_image_groups:
-            # A segment embedding, as BERT's: without it a group is only known to an image
-            # token through an attention hop to its marker, and the tiny model never found
-            # that hop.
-            is_image = input_ids == self.config.image_token_id
-            before = F.pad(input_ids[:, :-1], (1, 0), value=self.config.image_token_id)
-            run_starts = is_image & (before != self.config.image_token_id)
-            tags = self._group_tags(before[run_starts])  # one per image, in order
-            image_outputs.pooler_output = [
-                features + tag
-                for features, tag in zip(image_outputs.pooler_output, tags, strict=True)
-            ]
+        # A segment embedding, as BERT's: without it a group is only known to an image
+        # token through an attention hop to its marker, and the tiny model never found
+        # that hop.
+        is_image = input_ids == self.config.image_token_id
+        before = F.pad(input_ids[:, :-1], (1, 0), value=self.config.image_token_id)
+        run_starts = is_image & (before != self.config.image_token_id)
+        tags = self._group_tags(before[run_starts])  # one per image, in order
+        image_outputs.pooler_output = [
+            features + tag for features, tag in zip(image_outputs.pooler_output, tags, strict=True)
+        ]
         return super().forward(
             input_ids=input_ids, mm_encoder_outputs={"image": image_outputs}, **kwargs
         )
 
 
 class PooledLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """``LlavaForConditionalGeneration`` whose images cost ``image_token_grid``² tokens."""
+    """``LlavaForConditionalGeneration`` whose images cost one (attribute) token each."""
 
     config_class = PooledLlavaConfig
 
@@ -348,22 +307,10 @@ def train_tokenizer(
     return tokenizer
 
 
-def build_tiny_processor(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    image_size: int,
-    image_token_grid: int,
-    cls_token: bool = False,
-    assistant_role: bool = True,
-) -> LlavaProcessor:
+def build_tiny_processor(tokenizer: PreTrainedTokenizerBase, *, image_size: int) -> LlavaProcessor:
     """A ``LlavaProcessor`` for ``image_size`` pictures (normalised as CLIP, never resized or
-    cropped) writing ``image_token_grid``² image tokens each (one more with ``cls_token``),
-    with the tiny chat template (``tiny_chat_template(assistant_role=...)``). A grid of 0
-    writes no patch tokens: the CLS token (the attribute token's place) alone."""
-    if image_token_grid == 0 and not cls_token:
-        raise ValueError("image_token_grid 0 leaves an image no token: set cls_token")
-    if image_token_grid and image_size % image_token_grid:
-        raise ValueError(f"image_size {image_size} is not a multiple of {image_token_grid}")
+    cropped) writing one image token each (the CLS token's place, where the model puts the
+    attribute token), with the tiny chat template (``tiny_chat_template``)."""
     image_processor = CLIPImageProcessor(
         do_resize=False,
         do_center_crop=False,
@@ -375,91 +322,54 @@ def build_tiny_processor(
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        # A patch larger than the image counts no patches (LlavaProcessor floors).
-        patch_size=image_size // image_token_grid if image_token_grid else 2 * image_size,
-        # LLaVA's convention: the CLS token is the one additional token, dropped by "default".
-        vision_feature_select_strategy="full" if cls_token else "default",
+        # A patch larger than the image counts no patches (LlavaProcessor floors): the one
+        # additional token (LLaVA's CLS, kept by "full") is the image's only one.
+        patch_size=2 * image_size,
+        vision_feature_select_strategy="full",
         num_additional_image_tokens=1,
         image_token=IMAGE_PLACEHOLDER,
-        chat_template=tiny_chat_template(assistant_role=assistant_role),
+        chat_template=tiny_chat_template(),
     )
 
 
 def build_tiny_mllm(
     tokenizer: PreTrainedTokenizerBase,
     *,
-    image_token_grid: int,
     text_width: int,
     text_layers: int,
     text_heads: int,
     max_positions: int,
     seed: int,
+    attribute_categories: Sequence[int],
+    matching_attention_std: float,
     vision_config: Mapping[str, Any] | None = None,
     vision_from: CLIPModel | None = None,
     vision_feature_layer: int = -1,
-    cls_token: bool = False,
-    tag_image_groups: bool = False,
-    cls_token_last: bool = False,
     initializer_range: float = 0.02,
-    matching_attention_std: float = 0.0,
-    matching_attention_orthogonal: bool = False,
-    attribute_categories: Sequence[int] | None = None,
-    own_group_tags: bool = False,
     text_head_dim: int | None = None,
 ) -> PooledLlavaForConditionalGeneration:
     """The tiny LLaVA, randomly initialised with ``seed``.
 
     The vision tower is either a fresh CLIP vision transformer of ``vision_config``
     (``image_size``, ``patch_size``, ``hidden_size``, ...) or a copy of ``vision_from``'s
-    (the conditioning CLIP: its config and weights). The Llama has ``text_layers`` layers of
-    width ``text_width`` (MLP 4× wider) and the tokenizer's vocabulary. Image features are
-    read at ``vision_feature_layer`` (default the last, the one the conditioning CLIP was
-    trained through; LLaVA's own default is -2). With ``cls_token`` each image also gets the
-    vision tower's CLS token (the one CLIP training shaped), before its pooled patches or, with
-    ``cls_token_last``, after them: then an image's last token, where an answer that follows
-    the query image is read, is the one whose similarity follows shared attributes (cosine
-    against shared-attribute count: correlation 0.51 for the CLS feature, 0.26 for the mean
-    patch). With ``tag_image_groups`` image tokens carry their marker's embedding
-    (``PooledLlavaModel``).
-    ``initializer_range`` is the std of the language model's and projector's initial weights:
-    hub models use 0.02, tuned for widths in the thousands; at a width of 128 that starts
-    every attention uniform and the tiny model never learned to compare images (at 0.08,
-    about 1/sqrt(width), it learned a liked-or-disliked copy task in 600 steps).
+    (the conditioning CLIP: its config and weights), read at ``vision_feature_layer``. Each
+    image is one attribute token over ``attribute_categories`` (each category's number of
+    values; fit its read-out with ``fit_attribute_readout`` before training) carrying its
+    group's tag. The Llama has ``text_layers`` layers of width ``text_width`` (MLP 4× wider),
+    heads of ``text_head_dim`` (default ``text_width / text_heads``) and the tokenizer's
+    vocabulary; ``initializer_range`` is the std of its and the projector's initial weights.
 
-    With ``matching_attention_std`` > 0, every language-model layer starts with its key
-    projection equal to its query projection (drawn with that std), so attention starts out
-    favouring tokens similar to the attending one. From independent projections, attention
-    to similar images and the read-out of their group are each useless without the other
-    (a balanced context averages to nothing), and the tiny model sat at that saddle; a hub
-    model arrives with such matching heads. With 4 heads of width 128, 0.09 gives two
-    identical tokens an attention logit of about 6. ``text_head_dim`` (default
-    ``text_width / text_heads``) sets each head's width apart from the model's.
-
-    With ``matching_attention_orthogonal`` each head's tied projection is instead a scaled
-    orthogonal matrix (entries of that std), so every head starts with the plain dot product
-    of the two normalised tokens as its logit; and the attribute token's value embeddings
-    start orthogonal (at their usual norm). Where the attribute values fit in ``text_width``
-    and the heads are at least as wide as the model, two confident image tokens then start
-    with a logit proportional to the number of attribute values they share, the counting
-    rule's kernel: a random 16-wide head of a width-64 model explains that count with R² 0.36
-    (the trained model's heads 0.2-0.3), a 64-wide orthogonal one exactly.
-
-    With ``attribute_categories`` (each category's number of values) the CLS token's place
-    holds an attribute token (``_PooledProjector``): its value embeddings start at std
-    1/sqrt(categories), so a confident token's features (about unit variance) dominate its
-    group tag, as in the symbolic stand-in that learned to compare; fit its read-out with
-    ``fit_attribute_readout`` before training.
-
-    With ``own_group_tags`` (and ``tag_image_groups``) each group's tag is a row of a table
-    of its own, drawn with std 0.02, not its marker's input embedding (``PooledLlavaModel``).
+    Every layer's key projection starts equal to its query projection, each head's block a
+    scaled orthogonal matrix with entries of ``matching_attention_std``, and the attribute
+    values' embeddings start orthogonal: with heads as wide as the model, two confident
+    image tokens then start with a logit proportional to the number of attribute values they
+    share, the counting rule's kernel. Why each choice: experiments/README.md.
     """
     if (vision_config is None) == (vision_from is None):
         raise ValueError("give exactly one of vision_config and vision_from")
-    if own_group_tags and not tag_image_groups:
-        raise ValueError("own_group_tags are group tags: set tag_image_groups too")
+    if matching_attention_std <= 0:
+        raise ValueError("matching_attention_std must be > 0")
     head_dim = text_head_dim or text_width // text_heads
-    if matching_attention_orthogonal and not matching_attention_std:
-        raise ValueError("matching_attention_orthogonal needs matching_attention_std > 0")
     vision = (
         vision_from.config.vision_config.to_dict()
         if vision_from is not None
@@ -484,55 +394,36 @@ def build_tiny_mllm(
             "initializer_range": initializer_range,
         },
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        image_seq_length=image_token_grid**2 + cls_token,
-        image_token_grid=image_token_grid,
+        image_seq_length=1,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="full" if cls_token else "default",
-        tag_image_groups=tag_image_groups,
-        cls_token_last=cls_token_last,
-        attribute_categories=list(attribute_categories) if attribute_categories else None,
-        group_tag_markers=sorted(_marker_ids(tokenizer)) if own_group_tags else None,
+        vision_feature_select_strategy="full",
+        attribute_categories=list(attribute_categories),
+        group_tag_markers=sorted(_marker_ids(tokenizer)),
     )
     torch.manual_seed(seed)
     model = PooledLlavaForConditionalGeneration(config)
     if vision_from is not None:
         model.model.vision_tower.load_state_dict(vision_from.vision_model.state_dict())
-    if own_group_tags:
-        # Small beside the image features, as the symbolic stand-in's tags that learned.
-        nn.init.normal_(model.model.group_tags.weight, std=0.02)
-    if attribute_categories:
-        embeddings = model.model.multi_modal_projector.attribute_embeddings.weight
-        std = len(attribute_categories) ** -0.5
-        if matching_attention_orthogonal:
-            _orthogonal_with_std(embeddings, std)  # a column per attribute value
-        else:
-            nn.init.normal_(embeddings, std=std)
-    if matching_attention_std > 0:
-        _tie_query_key_projections(
-            model.model.language_model,
-            matching_attention_std,
-            orthogonal=matching_attention_orthogonal,
-        )
+    # Small beside the image features, as the symbolic stand-in's tags that learned.
+    nn.init.normal_(model.model.group_tags.weight, std=0.02)
+    embeddings = model.model.multi_modal_projector.attribute_embeddings.weight
+    _orthogonal_with_std(embeddings, len(attribute_categories) ** -0.5)  # a column a value
+    _tie_query_key_projections(model.model.language_model, matching_attention_std)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
 @torch.no_grad()
-def _tie_query_key_projections(
-    language_model: nn.Module, std: float, *, orthogonal: bool = False
-) -> None:
-    """Each layer's q and k projections set to one draw of N(0, std²): q·k is then a
-    positive semi-definite form of the two tokens, largest for a token like the attending one.
-    With ``orthogonal``, each head's block is ``_orthogonal_with_std``: the form is then a
-    multiple of the dot product (for a head narrower than the model, of a projection's)."""
+def _tie_query_key_projections(language_model: nn.Module, std: float) -> None:
+    """Each layer's q and k projections set to one draw: each head's block
+    ``_orthogonal_with_std``, so q·k is a multiple of the dot product of the two tokens (for
+    a head narrower than the model, of a projection's), largest for a token like the
+    attending one."""
     for layer in language_model.layers:
         attention = layer.self_attn  # as many key/value heads as heads (build_tiny_mllm)
-        if orthogonal:
-            for block in attention.q_proj.weight.split(attention.head_dim):
-                _orthogonal_with_std(block, std)
-        else:
-            nn.init.normal_(attention.q_proj.weight, std=std)
+        for block in attention.q_proj.weight.split(attention.head_dim):
+            _orthogonal_with_std(block, std)
         attention.k_proj.weight.copy_(attention.q_proj.weight)
 
 
@@ -906,11 +797,11 @@ def answer_loss_settings(kind: AnswerLoss, tokenizer: PreTrainedTokenizerBase) -
 
 
 def frozen_parameters(model: PreTrainedModel) -> list[nn.Parameter]:
-    """What LLaVA's recipe keeps frozen: the vision encoder and, in a tiny model with an
-    attribute token, the attribute read-out fitted to it."""
+    """What LLaVA's recipe keeps frozen: the vision encoder and, in the tiny model, the
+    attribute token's read-out fitted to it."""
     frozen = list(vision_encoder(model).parameters())
     projector = getattr(model.model, "multi_modal_projector", None)
-    if getattr(projector, "categories", None):
+    if isinstance(projector, _PooledProjector):
         frozen.extend(projector.attribute_readout.parameters())
     return frozen
 

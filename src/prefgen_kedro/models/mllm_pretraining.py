@@ -92,22 +92,16 @@ DESCRIBE = "Describe this image."
 
 
 class MllmArchitecture(BaseModel, extra="forbid"):
+    """``build_tiny_mllm``'s sizes and initialisation (the BPE's ``vocab_size`` too)."""
+
     vocab_size: int = Field(ge=300)
-    image_token_grid: int = Field(ge=0)  # 0: the attribute token alone
-    cls_token: bool
-    cls_token_last: bool = False
-    tag_image_groups: bool
     text_width: int
     text_layers: int
     text_heads: int
     text_head_dim: int | None = Field(default=None, ge=1)  # None: text_width / text_heads
     max_positions: int
     initializer_range: float = Field(default=0.02, gt=0.0)
-    matching_attention_std: float = Field(default=0.0, ge=0.0)
-    matching_attention_orthogonal: bool = False  # see ``build_tiny_mllm``
-    assistant_role: bool = True  # the tiny chat template's, see ``tiny_chat_template``
-    attribute_token: bool = False  # see ``build_tiny_mllm``'s ``attribute_categories``
-    own_group_tags: bool = False  # see ``build_tiny_mllm``
+    matching_attention_std: float = Field(gt=0.0)
 
 
 class AttributeReadoutParams(BaseModel, extra="forbid"):
@@ -637,21 +631,13 @@ def pretrain(
     tokenizer = train_tokenizer(
         vqa_corpus(renders.captions, [DESCRIBE]), vocab_size=arch.vocab_size
     )
-    processor = build_tiny_processor(
-        tokenizer,
-        image_size=renders.images.shape[1],
-        image_token_grid=arch.image_token_grid,
-        cls_token=arch.cls_token,
-        assistant_role=arch.assistant_role,
-    )
+    processor = build_tiny_processor(tokenizer, image_size=renders.images.shape[1])
     model = build_tiny_mllm(
         tokenizer,
         vision_from=vision_from,
         seed=params.stages[0].train.seed,
-        attribute_categories=[len(values) for values in CATEGORIES.values()]
-        if arch.attribute_token
-        else None,
-        **arch.model_dump(exclude={"vocab_size", "assistant_role", "attribute_token"}),
+        attribute_categories=[len(values) for values in CATEGORIES.values()],
+        **arch.model_dump(exclude={"vocab_size"}),
     )
     # Each stage continues the ones before it: its key chains theirs.
     key = run_key(
@@ -660,15 +646,10 @@ def pretrain(
         captions=renders.captions,
         vision_from=vision_from,
     )
-    readout = None
-    if arch.attribute_token:
-        fit_attribute_readout(
-            model,
-            renders,
-            **params.attribute_readout.model_dump(),
-            seed=params.stages[0].train.seed,
-        )
-        readout = attribute_readout_accuracy(model, heldout)
+    fit_attribute_readout(
+        model, renders, **params.attribute_readout.model_dump(), seed=params.stages[0].train.seed
+    )
+    readout = attribute_readout_accuracy(model, heldout)
     features = select_vision_features(model, renders.images)
     # LLaVA keeps the vision tower frozen; the projector and the language model learn.
     frozen = {id(p) for p in frozen_parameters(model)}
@@ -759,8 +740,7 @@ def pretrain(
             "head_auc": heldout_taste(taste_head),  # the head on the fp16-rounded model
             "counting_rule_auc": heldout_taste.counting_rule_auc,
         }
-    if readout is not None:
-        report["metrics"]["attribute_readout_heldout_accuracy"] = readout
+    report["metrics"]["attribute_readout_heldout_accuracy"] = readout
     return model, processor, report
 
 

@@ -3,12 +3,14 @@
 Per layer, an inter-user probe (which user is this?) and an intra-user probe (liked or
 disliked?) are trained on standardised last-token states. Their accuracy by depth picks
 ``e_sem`` (the top layers, semantic) and ``e_core`` (where users are most separable).
+``probe_hidden_states`` reads the states the probes fit; ``user_embeddings`` averages the
+chosen layers into every context's and user's embeddings.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefgen_kedro.models.vqa import context_summary
+from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
+from prefgen_kedro.models.user_adapter import choose_image_embedding
+from prefgen_kedro.models.vqa import VqaExample, context_summary
 from prefgen_kedro.world.agent_world import tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
@@ -268,3 +272,80 @@ def probe_layers(
         "rule": rule,
     }
     return metrics, selection
+
+
+def probe_hidden_states(
+    model: MllmPreferenceModel,
+    probe_contexts: pd.DataFrame,
+    questions: Sequence[VqaExample],
+    pictures: Mapping[str, np.ndarray],
+    users: pd.DataFrame,
+    *,
+    context_question: str,
+) -> dict[str, torch.Tensor | pd.DataFrame]:
+    """Last-token states of every layer (``MllmPreferenceModel.hidden_states``): for each
+    context of ``probe_contexts`` ending with ``context_question`` (``contexts``), for each
+    context + query question (``questions``), and the questions' user, split and label
+    (``question_table``)."""
+    contexts = [
+        PreferenceContext([pictures[i] for i in row.liked], [pictures[i] for i in row.disliked])
+        for row in probe_contexts.itertuples(index=False)
+    ]
+    question_contexts = [
+        PreferenceContext([pictures[i] for i in q.liked], [pictures[i] for i in q.disliked])
+        for q in questions
+    ]
+    split = users.set_index("user_id")["split"]
+    return {
+        "contexts": model.hidden_states(contexts, question=context_question),
+        "questions": model.hidden_states(question_contexts, [pictures[q.query] for q in questions]),
+        "question_table": pd.DataFrame(
+            {
+                "user_id": [q.user_id for q in questions],
+                "split": [split[q.user_id] for q in questions],
+                "label": [q.label for q in questions],
+            }
+        ),
+    }
+
+
+def user_embeddings(
+    context_states: torch.Tensor,
+    layer_selection: Mapping[str, Sequence[int]],
+    probe_contexts: pd.DataFrame,
+    images: pd.DataFrame,
+    users: pd.DataFrame,
+    encode_images: Callable[[np.ndarray], torch.Tensor],
+    pictures: Mapping[str, np.ndarray],
+    e_img_rule: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``context_embeddings`` (``e_sem``/``e_core``, the means of ``context_states`` over the
+    selected layers, of every context of every user; in the agent world also
+    ``context_summary``, the perfect summary the signal ladder's ``oracle_state`` aligns) and
+    ``user_embeddings`` (DESIGN.md §4: from each user's canonical context, with ``e_img``
+    chosen by ``e_img_rule`` among the CLIP embeddings of its liked ``pictures``)."""
+    e_sem = context_states[:, layer_selection["e_sem"]].mean(dim=1)
+    e_core = context_states[:, layer_selection["e_core"]].mean(dim=1)
+    per_context = probe_contexts[["user_id", "split", "context"]].assign(
+        e_sem=list(e_sem.numpy()), e_core=list(e_core.numpy())
+    )
+    if tastes_are_known(users):
+        shown = images.set_index("image_id")["attributes"]
+        per_context["context_summary"] = [
+            context_summary(shown[list(liked)], shown[list(disliked)])
+            for liked, disliked in zip(
+                probe_contexts["liked"], probe_contexts["disliked"], strict=True
+            )
+        ]
+    canonical = probe_contexts["context"] == 0
+    canonical_users = probe_contexts[canonical].reset_index(drop=True)
+    e_img = [
+        choose_image_embedding(encode_images(np.stack([pictures[i] for i in liked])), e_img_rule)
+        for liked in canonical_users["liked"]
+    ]
+    per_user = canonical_users[["user_id", "split", "liked", "disliked"]].assign(
+        e_sem=list(e_sem[torch.tensor(canonical.to_numpy())].numpy()),
+        e_core=list(e_core[torch.tensor(canonical.to_numpy())].numpy()),
+        e_img=[vector.numpy() for vector in e_img],
+    )
+    return per_context, per_user

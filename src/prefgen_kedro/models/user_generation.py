@@ -184,6 +184,17 @@ class MethodSamples:
     images_per_second: dict[str, float] = field(default_factory=dict)
     tastes: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
 
+    def report(self, cases: int) -> dict:
+        """The number of ``cases``, each method's images/s and what ``viper_style`` read."""
+        return {
+            "cases": cases,
+            "images_per_second": self.images_per_second,
+            "viper_style_tastes": {
+                user: {"liked": liked, "disliked": disliked}
+                for user, (liked, disliked) in self.tastes.items()
+            },
+        }
+
 
 def sample_methods(
     methods: Sequence[str],

@@ -118,11 +118,8 @@ def evaluate_user_branches(
     training_report: dict,
     params: DiffusionParams,
 ) -> tuple[dict, Image.Image]:
-    """Each branch, the bare base model and ``viper_style`` on the validation users'
-    canonical contexts (the prompts of ``draw_prompts``): per method the oracle like-rate,
-    mean utility and subject accuracy for simulated users, the MLLM judge's P(yes), CLIP
-    score and CLIP-I for real ones (whose taste no oracle knows); sampling images/s; and a
-    grid of a few users. (The benchmark on test users is the ``evaluation`` pipeline.)"""
+    """Each branch, the bare base model and ``viper_style`` on the validation users
+    (``validate_user_branches``; the benchmark on test users is ``evaluation``)."""
     return validate_user_branches(
         user_branches,
         user_conditions,

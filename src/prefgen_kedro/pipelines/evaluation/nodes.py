@@ -102,16 +102,8 @@ def generate_images(
         sampling=diffusion.sampling.model_dump(),
         vae=base_vae,
     )
-    report = {
-        "cases": len(evaluation_cases),
-        "images_per_second": samples.images_per_second,
-        "viper_style_tastes": {
-            user: {"liked": liked, "disliked": disliked}
-            for user, (liked, disliked) in samples.tastes.items()
-        },
-    }
     generations, files = generations_table(samples.images, evaluation_cases, images, pictures)
-    return generations, files, report
+    return generations, files, samples.report(len(evaluation_cases))
 
 
 def score_generations(

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Literal
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -19,7 +16,11 @@ from PIL import Image
 from pydantic import Field
 from transformers import CLIPModel, CLIPTokenizer, PreTrainedModel, ProcessorMixin
 
-from prefgen_kedro.foundation import manifest_entry
+from prefgen_kedro.foundation import foundation_run_key, manifest_entry, round_to_half
+from prefgen_kedro.models.base_diffusion import (
+    BaseDiffusionParams,
+    train_base_unet,
+)
 from prefgen_kedro.models.batches import class_indices
 from prefgen_kedro.models.clip import (
     ClipWithAttributeHeads,
@@ -33,17 +34,6 @@ from prefgen_kedro.models.clip import (
     zero_shot_accuracy,
 )
 from prefgen_kedro.models.clip_tokenizer import build_clip_tokenizer
-from prefgen_kedro.models.diffusion import (
-    DiffusionLoss,
-    build_noise_scheduler,
-    build_unet,
-    diffusion_training_data,
-    encode_prompts,
-    grid_writer,
-    prompt_adherence,
-    sample,
-    sample_grid,
-)
 from prefgen_kedro.models.fid import compute_fid_kid
 from prefgen_kedro.models.mllm_pretraining import MllmPretrainParams, pretrain
 from prefgen_kedro.models.oracle import (
@@ -53,10 +43,9 @@ from prefgen_kedro.models.oracle import (
     oracle_training_data,
 )
 from prefgen_kedro.params import StrictParams
-from prefgen_kedro.provenance import RunKey, run_key
 from prefgen_kedro.training import TrainConfig, TrainResult, train
 from prefgen_kedro.world.agent_world import RenderSet, render_set
-from prefgen_kedro.world.vocabulary import HEADS, subject_prompt
+from prefgen_kedro.world.vocabulary import HEADS
 
 
 class RenderSetParams(StrictParams):
@@ -119,42 +108,6 @@ class AttributeOracleParams(StrictParams):
     train: TrainConfig
 
 
-class UnetArchitecture(StrictParams):
-    block_out_channels: list[int]
-    layers_per_block: int
-    attention_head_dim: int | list[int]
-    norm_num_groups: int = 32
-    down_block_types: list[str] | None = None
-    up_block_types: list[str] | None = None
-
-
-class NoiseScheduleParams(StrictParams):
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
-
-
-class SamplingParams(StrictParams):
-    guidance_scale: float = Field(ge=1.0)
-    num_inference_steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-
-
-class BaseDiffusionParams(StrictParams):
-    architecture: UnetArchitecture
-    noise_schedule: NoiseScheduleParams
-    caption_dropout: float = Field(ge=0.0, le=1.0)
-    # Each category left out of a render's caption with this probability (fixed per render),
-    # so the model also knows prompts that name few categories, or only the subject.
-    category_dropout: float = Field(default=0.0, ge=0.0, le=1.0)
-    snr_gamma: float | None
-    train: TrainConfig
-    sampling: SamplingParams
-    grid_every: int = Field(ge=1)  # training steps between validation grids
-    grid_captions: int = Field(ge=1)
-    eval_captions: int = Field(ge=2)  # held-out captions sampled for the quality figures
-
-
 class FidCheckParams(StrictParams):
     images_per_set: int = Field(ge=2)
 
@@ -176,20 +129,6 @@ def make_render_sets(
     )
 
 
-def _key(
-    params: StrictParams, renders: RenderSet, *, watching: Iterable[str] = (), **inputs: object
-) -> RunKey:
-    """A foundation trainer's run key: its parameters (but the TrainConfig, which keys the
-    run itself, and the ``watching`` ones, which only watch it train), every render with
-    its caption, and ``inputs`` (the models it reads)."""
-    return run_key(
-        params.model_dump(exclude={"train", *watching}),
-        renders=renders,
-        captions=renders.captions,
-        **inputs,
-    )
-
-
 def _heads() -> dict[str, list[str]]:
     """The classes every attribute head reads, as lists (they go into saved configs)."""
     return {head: list(classes) for head, classes in HEADS.items()}
@@ -204,11 +143,6 @@ def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> di
         "wall_seconds": time.perf_counter() - started,
         "metrics": metrics,
     }
-
-
-def _round_to_half(model: torch.nn.Module) -> torch.nn.Module:
-    """fp16 round trip: the weights the shipped (fp16) checkpoint will hold, in fp32."""
-    return model.half().float().eval()
 
 
 def _train_clip(
@@ -231,7 +165,7 @@ def _train_clip(
         params.train,
         checkpoint_root=checkpoint_root,
         name=name,
-        key=_key(params, renders, input_ids=input_ids),
+        key=foundation_run_key(params, renders, input_ids=input_ids),
     )
 
 
@@ -251,7 +185,7 @@ def train_conditioning_clip(
         renders.captions, padding="max_length", truncation=True, return_tensors="pt"
     ).input_ids
     result = _train_clip(model, input_ids, renders, params, checkpoint_root, "conditioning_clip")
-    model = _round_to_half(model)
+    model = round_to_half(model)
     metrics = zero_shot_accuracy(
         *conditioning_clip_encoders(model, tokenizer),
         heldout.images,
@@ -273,7 +207,7 @@ def train_evaluation_clip(
     )
     input_ids = model.tokenize(renders.captions)
     result = _train_clip(model, input_ids, renders, params, checkpoint_root, "evaluation_clip")
-    model = _round_to_half(model)
+    model = round_to_half(model)
     metrics = zero_shot_accuracy(
         *evaluation_clip_encoders(model), heldout.images, heldout.subjects, heldout.styles
     )
@@ -297,9 +231,9 @@ def train_attribute_oracle(
         params.train,
         checkpoint_root=checkpoint_root,
         name="attribute_oracle",
-        key=_key(params, renders),
+        key=foundation_run_key(params, renders),
     )
-    model = _round_to_half(model)
+    model = round_to_half(model)
     metrics = head_accuracy(model, heldout.images, heldout.labels())
     return model.half(), _report(result, params.train.seed, metrics, started)
 
@@ -315,85 +249,19 @@ def train_base_diffusion(
     grid_dir: str,
 ) -> tuple[UNet2DConditionModel, DDPMScheduler, dict, Image.Image]:
     """The base text-to-image model (stands in for SD): a pixel-space UNet conditioned on
-    the frozen conditioning CLIP's text tower, trained on renders with their captions."""
+    the frozen conditioning CLIP's text tower, trained on renders with their captions
+    (``train_base_unet``)."""
     started = time.perf_counter()
-    text_encoder = conditioning_clip.text_model.float().eval()
-    oracle = attribute_oracle.float().eval()
-    arch = params.architecture
-    unet = build_unet(
-        sample_size=renders.images.shape[1],
-        in_channels=3,
-        cross_attention_dim=conditioning_clip.config.text_config.hidden_size,
-        seed=params.train.seed,
-        **arch.model_dump(),
-    )
-    noise_scheduler = build_noise_scheduler(**params.noise_schedule.model_dump())
-    dataset, empty = diffusion_training_data(
-        renders.images,
-        renders.partial_captions(params.category_dropout, seed=params.train.seed),
-        text_encoder,
+    unet, noise_scheduler, result, metrics, grid = train_base_unet(
+        renders,
+        heldout,
+        conditioning_clip,
         clip_tokenizer,
-    )
-    shown = heldout.first(params.grid_captions)
-    sampling = params.sampling.model_dump(exclude={"batch_size"})
-    result = train(
-        unet,
-        dataset,
-        DiffusionLoss(noise_scheduler, empty, params.caption_dropout, params.snr_gamma),
-        params.train,
+        attribute_oracle,
+        params,
         checkpoint_root=checkpoint_root,
-        name="base_unet",
-        key=_key(
-            params,
-            renders,
-            watching=("sampling", "grid_every", "grid_captions", "eval_captions"),
-            conditioning_clip=conditioning_clip,
-            clip_tokenizer=clip_tokenizer,
-        ),
-        on_log=grid_writer(
-            unet,
-            noise_scheduler,
-            encode_prompts(text_encoder, clip_tokenizer, shown.captions),
-            empty,
-            shown,
-            Path(grid_dir),
-            every=params.grid_every,
-            seed=0,
-            **sampling,
-        ),
+        grid_dir=grid_dir,
     )
-    unet = _round_to_half(unet)
-    asked = heldout.first(params.eval_captions)
-    samples = sample(
-        unet,
-        noise_scheduler,
-        encode_prompts(text_encoder, clip_tokenizer, asked.captions),
-        empty,
-        seeds=list(range(len(asked.captions))),
-        batch_size=params.sampling.batch_size,
-        **sampling,
-    )
-    # What a user asks a generator for: the subject alone.
-    subject_only = sample(
-        unet,
-        noise_scheduler,
-        encode_prompts(text_encoder, clip_tokenizer, [subject_prompt(s) for s in asked.subjects]),
-        empty,
-        seeds=list(range(len(asked.captions))),
-        batch_size=params.sampling.batch_size,
-        **sampling,
-    )
-    to_chw = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2)  # noqa: E731
-    metrics = {
-        "prompt_adherence": prompt_adherence(oracle, samples, asked),
-        "vs_heldout_renders": compute_fid_kid(to_chw(samples), to_chw(asked.images)),
-        "subject_only_prompts": {
-            "subject_accuracy": prompt_adherence(oracle, subject_only, asked)["subject"],
-            "vs_heldout_renders": compute_fid_kid(to_chw(subject_only), to_chw(asked.images)),
-        },
-        "sampling": params.sampling.model_dump(),
-    }
-    grid = sample_grid(samples[: params.grid_captions], asked.images, asked.captions)
     report = _report(result, params.train.seed, metrics, started)
     return unet.half(), noise_scheduler, report, grid
 

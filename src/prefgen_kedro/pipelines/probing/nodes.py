@@ -13,28 +13,24 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from pydantic import Field
-from transformers import CLIPModel, PreTrainedModel, ProcessorMixin
+from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from prefgen_kedro.data.pictures import load_pictures
 from prefgen_kedro.figures import probe_figure
 from prefgen_kedro.models.clip import conditioning_clip_encoders
-from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
-from prefgen_kedro.models.probes import probe_layers
-from prefgen_kedro.models.user_adapter import choose_image_embedding
+from prefgen_kedro.models.mllm import MllmPreferenceModel
+from prefgen_kedro.models.probes import probe_hidden_states, probe_layers, user_embeddings
 from prefgen_kedro.models.vqa import (
     QUESTION,
     TASTE_QUESTION,
-    context_summary,
     sample_contexts,
     sample_vqa_examples,
 )
 from prefgen_kedro.params import StrictParams
-from prefgen_kedro.world.agent_world import tastes_are_known
 
 
 class ProbeFitParams(StrictParams):
@@ -95,10 +91,6 @@ def read_hidden_states(
     model = MllmPreferenceModel(
         tuned_mllm, processor, slot_positions=params.slot_positions, batch_size=params.batch_size
     )
-    contexts = [
-        PreferenceContext([pictures[i] for i in row.liked], [pictures[i] for i in row.disliked])
-        for row in probe_contexts.itertuples(index=False)
-    ]
     questions = sample_vqa_examples(
         images,
         interactions,
@@ -109,25 +101,10 @@ def read_hidden_states(
         seed=params.seed + 1,
         with_reasons=False,
     )
-    question_contexts = [
-        PreferenceContext([pictures[i] for i in q.liked], [pictures[i] for i in q.disliked])
-        for q in questions
-    ]
-    split = users.set_index("user_id")["split"]
-    return {
-        "contexts": model.hidden_states(
-            contexts,
-            question=TASTE_QUESTION if params.context_readout == "taste_question" else QUESTION,
-        ),
-        "questions": model.hidden_states(question_contexts, [pictures[q.query] for q in questions]),
-        "question_table": pd.DataFrame(
-            {
-                "user_id": [q.user_id for q in questions],
-                "split": [split[q.user_id] for q in questions],
-                "label": [q.label for q in questions],
-            }
-        ),
-    }
+    question = TASTE_QUESTION if params.context_readout == "taste_question" else QUESTION
+    return probe_hidden_states(
+        model, probe_contexts, questions, pictures, users, context_question=question
+    )
 
 
 def fit_probes(
@@ -152,39 +129,21 @@ def build_user_embeddings(
     images: pd.DataFrame,
     users: pd.DataFrame,
     conditioning_clip: CLIPModel,
-    clip_tokenizer,
+    clip_tokenizer: PreTrainedTokenizerBase,
     raw_images: Mapping[str, Callable],
     params: ProbingParams,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``context_embeddings`` (``e_sem``/``e_core`` of every context of every user; in the
-    agent world also ``context_summary``, the perfect summary the signal ladder's
-    ``oracle_state`` aligns) and ``user_embeddings`` (DESIGN.md §4: from each user's
-    canonical context, with ``e_img``)."""
-    states = hidden_states["contexts"]
-    e_sem = states[:, layer_selection["e_sem"]].mean(dim=1)
-    e_core = states[:, layer_selection["e_core"]].mean(dim=1)
-    per_context = probe_contexts[["user_id", "split", "context"]].assign(
-        e_sem=list(e_sem.numpy()), e_core=list(e_core.numpy())
-    )
-    if tastes_are_known(users):
-        shown = images.set_index("image_id")["attributes"]
-        per_context["context_summary"] = [
-            context_summary(shown[list(liked)], shown[list(disliked)])
-            for liked, disliked in zip(
-                probe_contexts["liked"], probe_contexts["disliked"], strict=True
-            )
-        ]
-    canonical = probe_contexts["context"] == 0
-    users = probe_contexts[canonical].reset_index(drop=True)
-    pictures = load_pictures(raw_images)
+    """``context_embeddings`` and ``user_embeddings`` (``probes.user_embeddings``): the
+    chosen layers' ``e_sem``/``e_core`` of every context, and of each user's canonical
+    context with ``e_img`` from the conditioning CLIP."""
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
-    e_img = [
-        choose_image_embedding(encode_images(np.stack([pictures[i] for i in liked])), params.e_img)
-        for liked in users["liked"]
-    ]
-    user_embeddings = users[["user_id", "split", "liked", "disliked"]].assign(
-        e_sem=list(e_sem[torch.tensor(canonical.to_numpy())].numpy()),
-        e_core=list(e_core[torch.tensor(canonical.to_numpy())].numpy()),
-        e_img=[vector.numpy() for vector in e_img],
+    return user_embeddings(
+        hidden_states["contexts"],
+        layer_selection,
+        probe_contexts,
+        images,
+        users,
+        encode_images,
+        load_pictures(raw_images),
+        params.e_img,
     )
-    return per_context, user_embeddings
