@@ -293,3 +293,5 @@ def test_a_second_run_reuses_every_training_run(minihub_run, minihub_project):
     assert runs["trained"] == []
     assert sum("vqa_tuning_stage" in run for run in runs["reused"]) == 2  # LoRA, seeded
     assert len(runs["reused"]) == 2 + 2 + 7  # VQA stages, aligners, user branches
+    # and gave the same models, byte for byte (a different one would be moved aside)
+    assert not list((minihub_run / "06_models").glob("*.previous-*"))
