@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format foundation viz benchmarks clean-venv
+.PHONY: run test lint format foundation minihub viz benchmarks clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 foundation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kedro run --pipelines foundation
+
+# The miniature hub and Pick-a-Pic shards `kedro run --env minihub` reads (README: Running on GPUs).
+minihub: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m prefgen_kedro.minihub data/minihub/06_models/hub \
+		--pickapic data/minihub/01_raw/pickapic
 
 benchmarks: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run_all

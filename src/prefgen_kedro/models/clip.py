@@ -139,12 +139,17 @@ class EvaluationClip(torch.nn.Module, PyTorchModelHubMixin):
         self.image_size = model_cfg["vision_cfg"]["image_size"]
 
     @classmethod
-    def _from_pretrained(
-        cls, *, model_id: str, map_location: str = "cpu", **kwargs: Any
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, **kwargs: Any
     ) -> EvaluationClip:
-        directory = Path(model_id)
-        if not (directory / OPEN_CLIP_CONFIG).is_file():
-            return super()._from_pretrained(model_id=model_id, map_location=map_location, **kwargs)
+        # An open_clip folder has no config.json: the mixin would warn that it is missing.
+        directory = Path(pretrained_model_name_or_path)
+        if (directory / OPEN_CLIP_CONFIG).is_file():
+            return cls._from_open_clip(directory, kwargs.get("map_location", "cpu"))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _from_open_clip(cls, directory: Path, map_location: str) -> EvaluationClip:
         config = json.loads((directory / OPEN_CLIP_CONFIG).read_text())
         model = cls(config["model_cfg"])
         # open_clip's loader (strict) also adapts state dicts of older open_clip versions.

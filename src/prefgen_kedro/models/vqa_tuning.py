@@ -49,7 +49,11 @@ def tune_through_stages(
     watched = examples_from_table(validation_rows)[: params.curve_questions]
     model = mllm
     if params.lora is not None:
-        model = add_lora(mllm, **params.lora.model_dump())
+        # Seeded: the adapters' random initialisation is part of the start the key digests,
+        # so an unseeded one would give every run a new key (never reused, never resumed).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(params.seed)
+            model = add_lora(mllm, **params.lora.model_dump())
     # The vision side stays as pretrained (LLaVA's recipe; LoRA targets come from params).
     frozen = {id(p) for p in frozen_parameters(mllm)}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
