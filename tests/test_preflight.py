@@ -61,3 +61,15 @@ def test_a_stage_run_before_the_one_that_feeds_it_names_that_stage(
         and "user_branches" in line
         for line in message.splitlines()
     )
+
+
+def test_minihub_before_it_is_written_points_every_path_at_make_minihub(
+    smoke_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(smoke_project)
+    paths, remedies = _refusal(smoke_project, "minihub", "__default__").split("\nTo get them:\n")
+    assert [line.split(":")[0] for line in paths.splitlines()[1:]] == [
+        *(f"- {name}" for name in HUB_INPUTS),
+        "- Pick-a-Pic shards",
+    ]
+    assert "make minihub" in remedies and "parquet shards in" not in remedies

@@ -343,7 +343,9 @@ def missing_inputs(pipeline: Any, catalog: Any, env: str | None) -> list[tuple[s
             ingestion = ingestion.model_dump()
         shards = Path(ingestion["pickapic"]["shard_dir"])
         if ingestion["source"] == "pickapic" and not any(shards.glob("*.parquet")):
-            remedy = f"put the Pick-a-Pic v2 parquet shards in {shards} (README: Running on GPUs)"
+            remedy = ingestion["pickapic"].get("fetch") or (
+                f"put the Pick-a-Pic v2 parquet shards in {shards} (README: Running on GPUs)"
+            )
             missing.append(("Pick-a-Pic shards", f"{shards}/*.parquet", remedy))
     return missing
 

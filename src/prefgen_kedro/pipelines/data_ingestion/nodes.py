@@ -26,6 +26,7 @@ class AgentWorldParams(StrictParams):
 
 class PickapicParams(StrictParams):
     shard_dir: str
+    fetch: str | None = None  # how to get the shards, as a run that lacks them says
     min_choices_per_user: int = Field(ge=1)
     image_size: int = Field(ge=8)
     split_fractions: dict[Literal["train", "val", "test"], float]
