@@ -697,8 +697,14 @@ DEVICE_ARGUMENT = re.compile(r"\b(device_map|map_location): cpu\b")
 
 def on_device_catalog(catalog: str, device: str) -> tuple[str, int]:
     """``conf/minihub/catalog.yml``'s text with every ``device_map: cpu`` and
-    ``map_location: cpu`` on ``device``, and how many it changed."""
-    return DEVICE_ARGUMENT.subn(rf"\1: {device}", catalog)
+    ``map_location: cpu`` on ``device`` (comment lines kept), and how many it changed."""
+    lines, changed = [], 0
+    for line in catalog.splitlines(keepends=True):
+        placed, count = DEVICE_ARGUMENT.subn(rf"\1: {device}", line)
+        comment = line.lstrip().startswith("#")
+        lines.append(line if comment else placed)
+        changed += 0 if comment else count
+    return "".join(lines), changed
 
 
 def minihub_project(root: Path, device: str) -> dict[str, Any]:
