@@ -121,3 +121,15 @@ def test_the_command_line_refuses_an_unknown_part(gpu_check, capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--parts", "unet_training,warp_drive"])
     assert "warp_drive" in capsys.readouterr().err
+
+
+def test_make_benchmarks_keeps_the_gpu_check_section(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(PROJECT_ROOT))
+        run_all = importlib.import_module("benchmarks.run_all")
+    kept = run_all.kept_sections(REAL_RESULTS)
+    assert kept.startswith("## GPU check") and "python -m benchmarks.gpu_check" in kept
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmarks\n\n## A step\n\ntext\n\n## GPU check (H100)\n\nfigures\n")
+    assert run_all.kept_sections(results) == "## GPU check (H100)\n\nfigures\n"
+    assert run_all.kept_sections(tmp_path / "missing.md") == ""
