@@ -2,7 +2,9 @@
 
 ``python -m benchmarks.run_all [--quick] [--output PATH] [--note TEXT]``; ``make benchmarks``
 runs it with the defaults. ``--note`` goes into the file as is (e.g. that the machine was
-shared while it ran); the 1-minute load average at the start is recorded either way.
+shared while it ran); the 1-minute load average at the start is recorded either way. The
+file's "GPU check" section (``benchmarks.gpu_check``, measured on a GPU machine, not here) is
+kept as it is.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -26,6 +29,8 @@ RESULTS = Path(__file__).resolve().with_name("RESULTS.md")
 BENCHMARKS = (adapter_step, fid, mllm_vqa_step)
 # The environment the command ran with (the thread count changes the figures).
 _ENVIRONMENT = ("OMP_NUM_THREADS", "HF_HUB_OFFLINE")
+# Sections of the results file that this run does not measure, kept as they are.
+KEPT_HEADING = "## GPU check"
 
 
 def main(argv: Sequence[str] | None = None) -> list[Comparison]:
@@ -59,9 +64,20 @@ def main(argv: Sequence[str] | None = None) -> list[Comparison]:
         print(comparison.markdown(), flush=True)
         comparison.add_to(report)
         comparisons.append(comparison)
+    kept = kept_sections(args.output)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report.to_markdown(figure_dir="."))
+    text = report.to_markdown(figure_dir=".")
+    args.output.write_text(text.rstrip("\n") + "\n\n" + kept if kept else text)
     return comparisons
+
+
+def kept_sections(path: Path) -> str:
+    """The sections of the results file at ``path`` that start with ``KEPT_HEADING`` (the
+    GPU check's, measured elsewhere), as written; empty if none."""
+    if not path.exists():
+        return ""
+    sections = re.split(r"(?m)^(?=## )", path.read_text())
+    return "".join(section for section in sections if section.startswith(KEPT_HEADING))
 
 
 def _machine() -> str:

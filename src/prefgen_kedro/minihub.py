@@ -279,34 +279,11 @@ def _write_owned(folder: Path, write: Any, marker: dict[str, Any]) -> None:
 
 def write_qwen2_vl(folder: Path, *, seed: int) -> None:
     """Qwen2-VL in bf16 and its processor (image processor, tokenizer, chat template)."""
-    from transformers import (
-        GenerationConfig,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     tokenizer = qwen2_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // 64) * 64  # padded, as the hub's 151,936 rows
-    config = Qwen2VLConfig(
-        text_config={
-            **QWEN2_VL_TEXT,
-            "vocab_size": vocab_size,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        },
-        vision_config=QWEN2_VL_VISION,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=True,
-    )
+    config = qwen2_vl_config(tokenizer)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     # The Instruct checkpoint's generation config (sampling at near-zero temperature).
@@ -321,13 +298,54 @@ def write_qwen2_vl(folder: Path, *, seed: int) -> None:
         repetition_penalty=1.0,
     )
     model.save_pretrained(folder)
-    processor = Qwen2VLProcessor(
+    qwen2_vl_processor(tokenizer).save_pretrained(folder)
+
+
+def qwen2_vl_config(
+    tokenizer: Any,
+    *,
+    text: dict[str, Any] | None = None,
+    vision: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A ``Qwen2VLConfig`` of ``text`` and ``vision`` (default: the miniature ones) whose
+    special token ids are ``tokenizer``'s; ``vocab_size`` defaults to the tokenizer's,
+    padded to a multiple of 64 as the hub's 151,936 rows are. ``kwargs`` go to the config
+    (e.g. ``attn_implementation``)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN2_VL_SPECIAL_TOKENS}
+    return Qwen2VLConfig(
+        text_config={
+            **(QWEN2_VL_TEXT if text is None else text),
+            "vocab_size": vocab_size or -(-len(tokenizer) // 64) * 64,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+        },
+        vision_config=QWEN2_VL_VISION if vision is None else vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        tie_word_embeddings=True,
+        **kwargs,
+    )
+
+
+def qwen2_vl_processor(tokenizer: Any) -> Any:
+    """Qwen2-VL-2B-Instruct's processor around ``tokenizer``: its image processor settings
+    (a 512 px picture becomes 504 × 504, 324 image tokens) and chat template."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**QWEN2_VL_PIXELS),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=QWEN2_VL_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(folder)
 
 
 def qwen2_tokenizer(vocabulary: int = TOKENIZER_VOCABULARY) -> Any:
