@@ -8,6 +8,8 @@ shown (DESIGN.md §4). Three pieces serve that:
   or picture, a pydantic model's fields, nested dicts and lists. Equal content gives an
   equal digest in any process; two values that differ anywhere give different ones.
   ``files_digest(path)`` is the same for the bytes of a file or of a folder's files.
+  ``StreamedTensor`` stands for a tensor too large to hold: its digest is that tensor's,
+  read a block of rows at a time.
 - ``run_key(params, **inputs) -> RunKey`` — the key of a training run: the digest of its
   validated parameters and of every input it reads, with each input's digest kept
   (``RunKey.inputs``) so reports can say what the run was made from. ``training.train``
@@ -24,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,17 @@ class RunKey:
 
     digest: str
     inputs: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor of ``dtype`` and ``shape`` read in blocks of consecutive rows (``blocks()``
+    yields them in order), never held whole: ``digest_of`` gives it the digest of the tensor
+    it stands for."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterator[torch.Tensor]]
 
 
 def digest_of(value: Any) -> str:
@@ -165,7 +178,7 @@ def _feed(hasher: Any, value: Any) -> None:
         _tagged(hasher, b"K", value.digest.encode())  # inside a container
     elif isinstance(value, pydantic.BaseModel):
         _feed(hasher, value.model_dump(mode="json"))
-    elif isinstance(value, torch.Tensor):
+    elif isinstance(value, torch.Tensor | StreamedTensor):
         _feed_tensor(hasher, value)
     elif isinstance(value, np.ndarray):
         _feed_array(hasher, value)
@@ -211,11 +224,30 @@ def _tagged(hasher: Any, tag: bytes, payload: bytes) -> None:
     hasher.update(payload)
 
 
-def _feed_tensor(hasher: Any, tensor: torch.Tensor) -> None:
+def _feed_tensor(hasher: Any, tensor: torch.Tensor | StreamedTensor) -> None:
+    if isinstance(tensor, StreamedTensor):
+        _feed_streamed(hasher, tensor)
+        return
     flat = tensor.detach().cpu().contiguous()
     _tagged(hasher, b"T", f"{flat.dtype} {tuple(flat.shape)}".encode())
     # Reinterpreted as bytes: numpy has no bfloat16, and the bits are the content.
     hasher.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _feed_streamed(hasher: Any, value: StreamedTensor) -> None:
+    """As ``_feed_tensor`` feeds the tensor ``value`` stands for, a block at a time."""
+    _tagged(hasher, b"T", f"{value.dtype} {tuple(value.shape)}".encode())
+    rows = 0
+    for block in value.blocks():
+        if block.dtype != value.dtype or tuple(block.shape[1:]) != tuple(value.shape[1:]):
+            raise ValueError(
+                f"a block of {block.dtype} {tuple(block.shape)} in a streamed "
+                f"{value.dtype} {tuple(value.shape)}"
+            )
+        rows += len(block)
+        hasher.update(block.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    if rows != value.shape[0]:
+        raise ValueError(f"a streamed tensor of {value.shape[0]} rows gave {rows}")
 
 
 def _feed_array(hasher: Any, array: np.ndarray) -> None:

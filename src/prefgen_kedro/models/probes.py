@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
+from prefgen_kedro.data.pictures import picture_contexts, picture_list
+from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.user_adapter import choose_image_embedding
 from prefgen_kedro.models.vqa import VqaExample, context_summary
 from prefgen_kedro.world.agent_world import tastes_are_known
@@ -287,18 +288,18 @@ def probe_hidden_states(
     context of ``probe_contexts`` ending with ``context_question`` (``contexts``), for each
     context + query question (``questions``), and the questions' user, split and label
     (``question_table``)."""
-    contexts = [
-        PreferenceContext([pictures[i] for i in row.liked], [pictures[i] for i in row.disliked])
-        for row in probe_contexts.itertuples(index=False)
-    ]
-    question_contexts = [
-        PreferenceContext([pictures[i] for i in q.liked], [pictures[i] for i in q.disliked])
-        for q in questions
-    ]
+    contexts = picture_contexts(
+        probe_contexts["liked"].tolist(), probe_contexts["disliked"].tolist(), pictures
+    )
+    question_contexts = picture_contexts(
+        [q.liked for q in questions], [q.disliked for q in questions], pictures
+    )
     split = users.set_index("user_id")["split"]
     return {
         "contexts": model.hidden_states(contexts, question=context_question),
-        "questions": model.hidden_states(question_contexts, [pictures[q.query] for q in questions]),
+        "questions": model.hidden_states(
+            question_contexts, picture_list([q.query for q in questions], pictures)
+        ),
         "question_table": pd.DataFrame(
             {
                 "user_id": [q.user_id for q in questions],

@@ -11,7 +11,11 @@ and the condition computed from a context of that user that does *not* contain t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,8 +25,8 @@ from PIL import Image
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from prefgen_kedro.data.pictures import (
+    PictureFiles,
     context_pictures,
-    load_pictures,
     preference_contexts,
 )
 from prefgen_kedro.models.alignment import (
@@ -30,7 +34,7 @@ from prefgen_kedro.models.alignment import (
     Aligners,
     attribute_phrase_embeddings,
 )
-from prefgen_kedro.models.batches import TensorDictDataset
+from prefgen_kedro.models.batches import Column, RowFile, RowsDataset
 from prefgen_kedro.models.clip import EvaluationClip, conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
     DiffusionLoss,
@@ -99,7 +103,7 @@ def user_conditions(
         raise ValueError(f"diffusion.variants name {TRUE_SEM!r}, which only simulated users have")
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
     merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
-    pictures = context_pictures(merged, raw_images)
+    pictures = PictureFiles(raw_images)  # a context's pictures at a time
     liked_embeddings = [
         encode_images(np.stack([pictures[i] for i in ids])) for ids in merged["liked"]
     ]
@@ -146,6 +150,12 @@ def liked_phrase_states(
     return pd.Series(states, index=users["user_id"])
 
 
+# Pictures a branch sample file is written from at once: encode_latents' batch, so the
+# latents are those it gives for the whole list; prompts: encode_prompts' batch.
+CLEAN_BATCH = 32
+PROMPT_BATCH = 256
+
+
 def branch_training_set(
     user_conditions: pd.DataFrame,
     images: pd.DataFrame,
@@ -154,41 +164,81 @@ def branch_training_set(
     conditioning_clip: CLIPModel,
     clip_tokenizer: PreTrainedTokenizerBase,
     vae: AutoencoderKL | None,
-) -> TensorDictDataset:
+    folder: str | Path,
+) -> RowsDataset:
     """One sample per (training user's context, liked image of that user outside it), with
     the image's prompt (``image_prompts``: a render's subject-only prompt, a real image's
     caption); the clean sample is the image's pixels, or its latents when the UNet has a
-    ``vae``."""
+    ``vae``.
+
+    Nothing grows with the samples in memory but their indices: the clean samples are
+    written to a ``RowFile`` in ``folder`` (made here, removed with the dataset) a batch of
+    pictures at a time, the distinct prompts' text states to another, and each sample reads
+    its prompt's row and its context's condition parts (held once per context row)."""
     likes = held_out_likes(user_conditions[user_conditions["split"] == "train"], interactions)
     if likes.empty:
         raise ValueError("no training user has a liked image outside its contexts")
     targets = likes["image_id"].tolist()
-    pictures = load_pictures({i: raw_images[i] for i in set(targets)})
+    pictures = PictureFiles(raw_images)
+    missing = sorted(set(targets) - set(raw_images))
+    if missing:
+        raise KeyError(f"raw_images has no picture of the training targets {missing[:5]}")
     prompt_of = image_prompts(images)[targets]
     prompts = sorted(set(prompt_of))
-    text = encode_prompts(conditioning_clip.text_model.float().eval(), clip_tokenizer, prompts)
     position = {prompt: k for k, prompt in enumerate(prompts)}
-    chosen = user_conditions.loc[likes["row"]]
-    liked_pictures = [pictures[i] for i in targets]
-    if vae is None:
-        clean = to_diffusion_pixels(np.stack(liked_pictures))
-    else:
-        clean = encode_latents(vae.eval(), liked_pictures)
-    return TensorDictDataset(
-        pixel_values=clean,
-        prompt_embeds=text[[position[prompt] for prompt in prompt_of]],
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    where = Path(tempfile.mkdtemp(prefix=".tmp-branch-samples-", dir=folder))
+    text_model = conditioning_clip.text_model.float().eval()
+    vae = None if vae is None else vae.eval()
+
+    def clean() -> Iterator[torch.Tensor]:
+        for start in range(0, len(targets), CLEAN_BATCH):
+            batch = [pictures[i] for i in targets[start : start + CLEAN_BATCH]]
+            if vae is None:
+                yield to_diffusion_pixels(np.stack(batch))
+            else:
+                yield encode_latents(vae, batch, batch_size=CLEAN_BATCH)
+
+    def states() -> Iterator[torch.Tensor]:
+        for start in range(0, len(prompts), PROMPT_BATCH):
+            chunk = prompts[start : start + PROMPT_BATCH]
+            yield encode_prompts(text_model, clip_tokenizer, chunk, batch_size=PROMPT_BATCH)
+
+    rows = pd.Index(pd.unique(likes["row"]))
+    context_of = torch.from_numpy(rows.get_indexer(likes["row"])).long()
+    held = user_conditions.loc[rows]
+    dataset = RowsDataset(
+        pixel_values=Column(_written(where / "clean.bin", clean())),
+        prompt_embeds=Column(
+            _written(where / "prompt_states.bin", states()),
+            torch.tensor([position[prompt] for prompt in prompt_of]),
+        ),
         **{
-            part: torch.from_numpy(np.stack(chosen[part].to_list())).float()
+            part: Column(torch.from_numpy(np.stack(held[part].to_list())).float(), context_of)
             for part in PARTS
-            if part in chosen
+            if part in held
         },
     )
+    weakref.finalize(dataset, shutil.rmtree, where, True)
+    return dataset
+
+
+def _written(path: Path, blocks: Iterator[torch.Tensor]) -> RowFile:
+    """A ``RowFile`` at ``path`` of ``blocks``' rows, in order."""
+    file = None
+    for block in blocks:
+        if file is None:
+            file = RowFile(path, block.shape[1:], block.dtype)
+        file.append(block)
+    if file is None:
+        raise ValueError(f"no rows for {path}")
+    return file
 
 
 def train_user_branch(
     name: str,
     parts: list[str],
-    dataset: TensorDictDataset,
+    dataset: RowsDataset,
     unet: UNet2DConditionModel,
     noise_scheduler: DDPMScheduler,
     empty: torch.Tensor,
@@ -204,7 +254,7 @@ def train_user_branch(
     text_space = [part for part in parts if part in params.text_space_parts]
     adapter = UserAdapter.for_unet(
         unet,
-        {part: dataset.tensors[part].shape[1] for part in parts},
+        {part: dataset.columns[part].shape[1] for part in parts},
         params.tokens_per_part,
         text_space,
     )
@@ -242,8 +292,9 @@ def train_user_branch(
             },
             # A sample's clean image (pixels or latents), prompt states and the variant's
             # parts: a change to another part leaves the variant reused.
+            # Streamed: the digest of the tensors they would be, read a block at a time.
             samples={
-                key: dataset.tensors[key] for key in ("pixel_values", "prompt_embeds", *parts)
+                key: dataset.streamed(key) for key in ("pixel_values", "prompt_embeds", *parts)
             },
             empty_prompt=empty,
             **base,

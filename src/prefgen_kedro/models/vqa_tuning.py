@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
+from prefgen_kedro.data.pictures import only, picture_contexts, picture_list
 from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
@@ -232,12 +233,12 @@ def _judge(model, processor, examples, pictures, params) -> np.ndarray:
 
 def _contexts_and_queries(
     examples: Sequence[VqaExample], pictures: Mapping[str, np.ndarray]
-) -> tuple[list[PreferenceContext], list[np.ndarray]]:
-    contexts = [
-        PreferenceContext([pictures[i] for i in e.liked], [pictures[i] for i in e.disliked])
-        for e in examples
-    ]
-    return contexts, [pictures[e.query] for e in examples]
+) -> tuple[Sequence[PreferenceContext], Sequence[np.ndarray]]:
+    """``examples``' contexts and queries, their pictures read a batch at a time."""
+    contexts = picture_contexts(
+        [e.liked for e in examples], [e.disliked for e in examples], pictures
+    )
+    return contexts, picture_list([e.query for e in examples], pictures)
 
 
 def _hits(p_yes: np.ndarray, labels: np.ndarray) -> float:
@@ -246,10 +247,14 @@ def _hits(p_yes: np.ndarray, labels: np.ndarray) -> float:
 
 def _pictures_of(
     examples: Sequence[VqaExample], pictures: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """The pictures ``examples`` show (context and query), by image id."""
-    return {
-        image_id: pictures[image_id]
-        for example in examples
-        for image_id in (*example.liked, *example.disliked, example.query)
-    }
+) -> Mapping[str, np.ndarray]:
+    """The pictures ``examples`` show (context and query), by image id, read when indexed
+    (the run key digests them one at a time)."""
+    return only(
+        pictures,
+        (
+            image_id
+            for example in examples
+            for image_id in (*example.liked, *example.disliked, example.query)
+        ),
+    )

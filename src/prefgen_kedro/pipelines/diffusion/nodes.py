@@ -76,7 +76,8 @@ def train_user_branches(
     ``base_vae`` when the UNet is a latent one, e.g. SD 1.5). Each variant's run is keyed by
     the samples it trains on (pixels or latents, prompt states, its condition parts), the
     base UNet's weights and the noise schedule, so a variant whose inputs are unchanged is
-    reused and any other trains afresh. (Step times: ``benchmarks/adapter_step.py``.)"""
+    reused and any other trains afresh. The samples are read from disk a batch at a time
+    (``branch_training_set``). (Step times: ``benchmarks/adapter_step.py``.)"""
     dataset = branch_training_set(
         user_conditions,
         images,
@@ -85,6 +86,7 @@ def train_user_branches(
         conditioning_clip,
         clip_tokenizer,
         base_vae,
+        params.checkpoint_root,  # its sample files, removed after the node
     )
     empty = encode_prompts(conditioning_clip.text_model.float().eval(), clip_tokenizer, [""])
     unet = base_unet.float()

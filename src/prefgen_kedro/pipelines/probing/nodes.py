@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from prefgen_kedro.data.pictures import load_pictures
+from prefgen_kedro.data.pictures import PictureFiles
 from prefgen_kedro.figures import probe_figure
 from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.mllm import MllmPreferenceModel
@@ -87,7 +87,7 @@ def read_hidden_states(
 ) -> dict[str, torch.Tensor | pd.DataFrame]:
     """Last-token states of every layer: for each context (no query), and for context +
     query questions of training and validation users (with their labels)."""
-    pictures = load_pictures(raw_images)
+    pictures = PictureFiles(raw_images)  # read a batch at a time
     model = MllmPreferenceModel(
         tuned_mllm, processor, slot_positions=params.slot_positions, batch_size=params.batch_size
     )
@@ -144,6 +144,6 @@ def build_user_embeddings(
         images,
         users,
         encode_images,
-        load_pictures(raw_images),
+        PictureFiles(raw_images),
         params.e_img,
     )

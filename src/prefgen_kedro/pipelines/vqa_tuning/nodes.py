@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from transformers import PreTrainedModel, ProcessorMixin
 
-from prefgen_kedro.data.pictures import load_pictures
+from prefgen_kedro.data.pictures import PictureFiles
 from prefgen_kedro.figures import vqa_learning_curve_figure
 from prefgen_kedro.models.vqa import examples_table, sample_vqa_examples
 from prefgen_kedro.models.vqa_tuning import tune_through_stages, validation_metrics
@@ -68,9 +68,9 @@ def tune_mllm(
     params: VqaTuningParams,
 ) -> tuple[PreTrainedModel, dict]:
     """Tune ``mllm`` through the K stages; returns the tuned model (LoRA merged) and the
-    training report: per-stage histories, the learning curve and questions/s."""
-    pictures = load_pictures(raw_images)
-    return tune_through_stages(mllm, processor, vqa_examples, pictures, params)
+    training report: per-stage histories, the learning curve and questions/s. Pictures are
+    read from ``raw_images`` as a batch shows them."""
+    return tune_through_stages(mllm, processor, vqa_examples, PictureFiles(raw_images), params)
 
 
 def evaluate_vqa(
@@ -91,7 +91,7 @@ def evaluate_vqa(
         tuned_mllm,
         processor,
         vqa_examples,
-        load_pictures(raw_images),
+        PictureFiles(raw_images),
         images,
         interactions,
         tuning_report,
