@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format foundation minihub viz benchmarks clean-venv
+.PHONY: run test test-scaling lint format foundation minihub viz benchmarks clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks experiments
 	$(BIN)/ruff format --check src tests benchmarks experiments
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+# The peak-memory scaling test on the miniature hub (about 8 minutes; not in `make test`).
+test-scaling: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m scaling
 
 foundation: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/kedro run --pipelines foundation
