@@ -101,39 +101,7 @@ MIN_PART_S = 20  # a part with less time left than this is skipped
 
 # ---- the architectures: real (hub config.json files) and minihub's for --smoke ------------
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5: unet/, vae/ and scheduler/ config.json.
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-5,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-SD15_VAE = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
+# SD 1.5's UNet and VAE: minihub.HUB_SD15_UNET and HUB_SD15_VAE (the hub's config.json files).
 # Qwen/Qwen2-VL-2B-Instruct: config.json's text and vision parts.
 QWEN2_VL_2B_TEXT = {
     "hidden_size": 1536,
@@ -187,15 +155,17 @@ class Sizes:
 
 
 def _sizes(smoke: bool) -> Sizes:
+    from prefgen_kedro import minihub
+
     if not smoke:
         return Sizes(
-            unet=SD15_UNET,
-            vae=SD15_VAE,
+            unet=minihub.HUB_SD15_UNET,
+            vae=minihub.HUB_SD15_VAE,
             qwen2_vl_text=QWEN2_VL_2B_TEXT,
             qwen2_vl_vision=QWEN2_VL_2B_VISION,
             qwen2_vl_vocabulary=QWEN2_VL_2B_VOCABULARY,
             part_widths={
-                "e_sem_hat": SD15_UNET["cross_attention_dim"],
+                "e_sem_hat": minihub.HUB_SD15_UNET["cross_attention_dim"],
                 "e_core": QWEN2_VL_2B_TEXT["hidden_size"],
                 "e_img": CLIP_VIT_L14_PROJECTION,
             },
@@ -215,8 +185,6 @@ def _sizes(smoke: bool) -> Sizes:
                 "minihub_chain": 240,
             },
         )
-    from prefgen_kedro import minihub
-
     return Sizes(
         unet=minihub.SD15_UNET,
         vae=minihub.SD15_VAE,
@@ -432,7 +400,7 @@ def unet_training(sizes: Sizes, out: Path) -> dict[str, Any]:
     return {
         "measurements": measurements,
         "settings": {
-            "unet": "SD 1.5" if sizes.unet is SD15_UNET else "minihub",
+            "unet": "SD 1.5" if sizes.picture_size is None else "minihub",
             "latents": f"{unet.config.in_channels}x{size}x{size}",
             "pixels": size * 8,
             "batch_size": train["batch_size"],
@@ -515,7 +483,7 @@ def sampling(sizes: Sizes, out: Path) -> dict[str, Any]:
         "measurements": measurements,
         "settings": {
             **settings,
-            "model": "SD 1.5" if sizes.unet is SD15_UNET else "minihub",
+            "model": "SD 1.5" if sizes.picture_size is None else "minihub",
             "pixels": pixels,
             "vae_decode": True,
             "parts": widths,

@@ -30,6 +30,9 @@ from transformers import CLIPConfig, CLIPModel, Qwen2VLConfig, Qwen2VLForConditi
 
 from prefgen_kedro import settings
 from prefgen_kedro.datasets import PretrainedModelDataset
+from prefgen_kedro.minihub import HUB_SD15_UNET as SD15_UNET
+from prefgen_kedro.minihub import HUB_SD15_VAE as SD15_VAE
+from prefgen_kedro.minihub import SD15_SCHEDULER
 from prefgen_kedro.models.alignment import text_embeddings
 from prefgen_kedro.models.clip import (
     OPEN_CLIP_CONFIG,
@@ -62,50 +65,6 @@ from prefgen_kedro.world.agent_world import generate_agent_world
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONF = PROJECT_ROOT / "conf"
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5: unet/, vae/ and scheduler/ config.json.
-SD15_UNET = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-5,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
-SD15_VAE = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 # openai/clip-vit-large-patch14 (its text tower is SD 1.5's text encoder), one layer a tower.
 CLIP_VIT_L14 = {
     "projection_dim": 768,

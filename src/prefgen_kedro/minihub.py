@@ -123,37 +123,50 @@ TOKENIZER_VOCABULARY = 1024  # the trained BPE's size before the special tokens 
 
 # ---- Stable Diffusion 1.5 ------------------------------------------------------------------
 TEXT_WIDTH = 32  # CLIP ViT-L/14's text width (768) = the UNet's cross-attention width
-SD15_UNET = {
+# stable-diffusion-v1-5/stable-diffusion-v1-5's unet/ and vae/ config.json (the real sizes,
+# which benchmarks/gpu_check.py and tests/test_gpu_components.py build), and the miniature.
+HUB_SD15_UNET = {
     "act_fn": "silu",
     "attention_head_dim": 8,
-    "block_out_channels": [32, 64, 64, 64],  # 320, 640, 1280, 1280
+    "block_out_channels": [320, 640, 1280, 1280],
     "center_input_sample": False,
-    "cross_attention_dim": TEXT_WIDTH,
+    "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "downsample_padding": 1,
     "flip_sin_to_cos": True,
     "freq_shift": 0,
     "in_channels": 4,
-    "layers_per_block": 1,  # 2
+    "layers_per_block": 2,
     "mid_block_scale_factor": 1,
     "norm_eps": 1e-5,
     "norm_num_groups": 32,
     "out_channels": 4,
-    "sample_size": 8,  # 64 (latents of 512 px); here of 64 px pictures
+    "sample_size": 64,
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
 }
-SD15_VAE = {
+HUB_SD15_VAE = {
     "act_fn": "silu",
-    "block_out_channels": [32, 32, 64, 64],  # 128, 256, 512, 512: 8× down, as SD's
+    "block_out_channels": [128, 256, 512, 512],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "in_channels": 3,
     "latent_channels": 4,
-    "layers_per_block": 1,  # 2
+    "layers_per_block": 2,
     "norm_num_groups": 32,
     "out_channels": 3,
-    "sample_size": 64,  # 512
+    "sample_size": 512,
     "scaling_factor": 0.18215,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SD15_UNET = HUB_SD15_UNET | {
+    "block_out_channels": [32, 64, 64, 64],
+    "cross_attention_dim": TEXT_WIDTH,
+    "layers_per_block": 1,
+    "sample_size": 8,  # latents of 64 px pictures
+}
+SD15_VAE = HUB_SD15_VAE | {
+    "block_out_channels": [32, 32, 64, 64],  # still 8× down, as SD's
+    "layers_per_block": 1,
+    "sample_size": 64,
 }
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
