@@ -4,12 +4,21 @@ the digests of those tensors."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from prefgen_kedro.models.batches import Column, RowFile, RowsDataset, TensorDictDataset
+from prefgen_kedro.models.batches import (
+    Column,
+    RowFile,
+    RowsDataset,
+    TensorDictDataset,
+    scratch_folder,
+)
 from prefgen_kedro.provenance import StreamedTensor, digest_of, run_key
 
 
@@ -71,3 +80,19 @@ def test_a_streamed_tensor_that_gives_other_rows_than_it_claims_is_refused():
         digest_of(StreamedTensor(torch.float32, (5, 2), lambda: iter([rows])))
     with pytest.raises(ValueError, match="a block of"):
         digest_of(StreamedTensor(torch.float32, (4, 3), lambda: iter([rows])))
+
+
+def test_a_scratch_folder_clears_what_killed_runs_left_and_keeps_live_ones(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left_by_killed = tmp_path / f".tmp-rows-{dead.pid}-abc"
+    left_by_live = tmp_path / f".tmp-rows-{os.getppid()}-def"
+    someone_elses = tmp_path / f".tmp-other-{dead.pid}-ghi"
+    for folder in (left_by_killed, left_by_live, someone_elses):
+        folder.mkdir()
+        (folder / "clean.bin").write_bytes(b"rows")
+    made = scratch_folder(tmp_path, ".tmp-rows-")
+    assert made.is_dir() and made.name.startswith(f".tmp-rows-{os.getpid()}-")
+    assert not left_by_killed.exists()
+    assert left_by_live.exists() and someone_elses.exists()
+    assert scratch_folder(tmp_path / "new", ".tmp-rows-").parent == tmp_path / "new"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,29 @@ def class_indices(
         head: torch.tensor([list(options).index(name) for name in names[head]])
         for head, options in classes.items()
     }
+
+
+def scratch_folder(parent: str | Path, prefix: str) -> Path:
+    """A new folder ``parent/<prefix><pid>-<random>`` for this process's row files. Folders of
+    the same ``prefix`` left by processes that no longer run (a killed run) are removed
+    first; another live run's are kept."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for leftover in parent.glob(f"{prefix}*-*"):
+        owner = leftover.name[len(prefix) :].split("-", 1)[0]
+        if owner.isdigit() and not _process_runs(int(owner)):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, under another user
+        return True
+    return True
 
 
 class TensorDictDataset(Dataset):

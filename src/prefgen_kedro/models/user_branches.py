@@ -12,7 +12,6 @@ and the condition computed from a context of that user that does *not* contain t
 from __future__ import annotations
 
 import shutil
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -34,7 +33,7 @@ from prefgen_kedro.models.alignment import (
     Aligners,
     attribute_phrase_embeddings,
 )
-from prefgen_kedro.models.batches import Column, RowFile, RowsDataset
+from prefgen_kedro.models.batches import Column, RowFile, RowsDataset, scratch_folder
 from prefgen_kedro.models.clip import EvaluationClip, conditioning_clip_encoders
 from prefgen_kedro.models.diffusion import (
     DiffusionLoss,
@@ -172,9 +171,10 @@ def branch_training_set(
     ``vae``.
 
     Nothing grows with the samples in memory but their indices: the clean samples are
-    written to a ``RowFile`` in ``folder`` (made here, removed with the dataset) a batch of
-    pictures at a time, the distinct prompts' text states to another, and each sample reads
-    its prompt's row and its context's condition parts (held once per context row)."""
+    written to a ``RowFile`` in a ``scratch_folder`` under ``folder`` (removed with the
+    dataset, or by the next run if this one is killed) a batch of pictures at a time, the
+    distinct prompts' text states to another, and each sample reads its prompt's row and its
+    context's condition parts (held once per context row)."""
     likes = held_out_likes(user_conditions[user_conditions["split"] == "train"], interactions)
     if likes.empty:
         raise ValueError("no training user has a liked image outside its contexts")
@@ -186,8 +186,7 @@ def branch_training_set(
     prompt_of = image_prompts(images)[targets]
     prompts = sorted(set(prompt_of))
     position = {prompt: k for k, prompt in enumerate(prompts)}
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    where = Path(tempfile.mkdtemp(prefix=".tmp-branch-samples-", dir=folder))
+    where = scratch_folder(folder, ".tmp-branch-samples-")
     text_model = conditioning_clip.text_model.float().eval()
     vae = None if vae is None else vae.eval()
 
