@@ -90,13 +90,24 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
 # ---- configuration: minihub is gpu but for sizes and places -------------------------------
 
 
+def _with_parts(catalog: dict[str, Any]) -> dict[str, Any]:
+    """The catalog's entries, and each model bundle's parts as entries ``bundle.part``."""
+    entries = dict(catalog)
+    for name, entry in catalog.items():
+        for part, config in (entry.get("parts") or {}).items():
+            entries[f"{name}.{part}"] = config or {}
+    return entries
+
+
 def test_minihub_catalog_loads_every_gpu_entry_with_the_same_class_and_arguments():
-    gpu, minihub = _config("gpu")["catalog"], _config("minihub")["catalog"]
+    gpu = _with_parts(_config("gpu")["catalog"])
+    minihub = _with_parts(_config("minihub")["catalog"])
     gpu_hub, mini_hub = "data/06_models/hub/", "data/minihub/06_models/hub/"
     assert set(minihub) == set(gpu)
+    assert "diffusion_stack.vae" in gpu  # SD 1.5's VAE, read through the stack
     for name, entry in gpu.items():
         mirrored = minihub[name]
-        assert mirrored["type"] == entry["type"], name
+        assert mirrored.get("type") == entry.get("type"), name
         assert mirrored.get("model_class") == entry.get("model_class"), name
         gpu_args, mini_args = entry.get("load_args", {}), mirrored.get("load_args", {})
         assert {k: v for k, v in mini_args.items() if k not in DEVICE_ARGS} == {
@@ -251,6 +262,8 @@ def test_user_branches_train_and_sample_on_the_vae_latents(minihub_run, minihub_
         (minihub_run / "08_reporting" / "diffusion_training_report.json").read_text()
     )
     assert training["training_samples"] > 0
+    # The stack's VAE is recorded by its own entry's name, as each of the stack's parts.
+    assert training["provenance"]["inputs"]["base_vae"] == files_digest(folders["base_vae"])
     assert set(training["variants"]) == set(GPU_METHODS) - {"base", "viper_style"}
     generations = minihub_run / "07_model_output" / "generations"
     # The UNet denoises 8x8 latents; the pictures are the VAE's decoding of them.

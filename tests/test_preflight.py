@@ -73,3 +73,21 @@ def test_minihub_before_it_is_written_points_every_path_at_make_minihub(
         "- Pick-a-Pic shards",
     ]
     assert "make minihub" in remedies and "parquet shards in" not in remedies
+
+
+def test_a_bundle_names_each_missing_part_by_its_entry_and_the_stage_that_writes_it(
+    smoke_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``probing`` reads the tuned MLLM with its processor as one input: the tuned model is
+    vqa_tuning's to write, the processor is the downloaded Qwen2-VL's."""
+    monkeypatch.chdir(smoke_project)
+    paths, remedies = _refusal(smoke_project, "gpu", "probing").split("\nTo get them:\n")
+    assert {
+        "- foundation_mllm_processor: data/06_models/hub/Qwen2-VL-2B-Instruct",
+        "- tuned_mllm: data/gpu/06_models/tuned_mllm",
+    } <= set(paths.splitlines())
+    assert "tuned_mllm_with_processor" not in paths
+    assert "- kedro run --env gpu --pipelines vqa_tuning  # tuned_mllm" in remedies.splitlines()
+    assert "--local-dir data/06_models/hub/Qwen2-VL-2B-Instruct  # foundation_mllm_processor" in (
+        remedies
+    )

@@ -11,7 +11,9 @@
   different versions of one artifact (a staged run that would show an old aligner beside a
   new MLLM), naming both; it refuses a run that would write into a ``read_only_dirs`` folder
   (``globals.yml``); and it hands a node that takes ``input_lineage`` the lineage of its
-  other inputs (the benchmark lists the models it evaluated).
+  other inputs (the benchmark lists the models it evaluated). A model bundle
+  (``datasets.ModelBundleDataset``) counts part by part, each part under the name of the
+  catalog entry it is configured as (``stored_parts``): one artifact, however it is read.
 - ``TrackingHook`` records every ``kedro run`` as an MLflow run (``tracking``): parameters,
   the reports' numbers and files, and the provenance digest of every dataset it wrote.
 - ``ConsoleErrorHook`` ends a failed ``kedro run`` with the failing node and its message, not
@@ -32,6 +34,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -42,7 +45,7 @@ from kedro.framework.hooks import hook_impl
 from kedro.validation.exceptions import ParameterValidationError
 from kedro_datasets.json import JSONDataset
 
-from prefgen_kedro.datasets import PretrainedModelDataset
+from prefgen_kedro.datasets import ModelBundleDataset, PretrainedModelDataset
 from prefgen_kedro.errors import BadInputError
 from prefgen_kedro.provenance import (
     PROVENANCE_FILE,
@@ -195,6 +198,7 @@ class ProvenanceHook:
         self._lineages: dict[str, dict[str, str]] = {}
         self._inputs: dict[str, dict[str, str]] = {}
         self._made_from: dict[str, dict[str, str]] = {}
+        self._stored_datasets: dict[str, Any] = {}  # a stored part's name -> its dataset
 
     @hook_impl
     def after_context_created(self, context: Any) -> None:
@@ -207,23 +211,31 @@ class ProvenanceHook:
     def before_pipeline_run(self, pipeline: Any, catalog: Any) -> None:
         self._catalog = catalog
         self._lineages, self._inputs, self._made_from = {}, {}, {}
+        self._stored_datasets = {}
         self._refuse_read_only_outputs(pipeline.all_outputs())
-        stored = [name for name in pipeline.inputs() if self._path(name) is not None]
-        require_consistent({name: self._lineage(name) for name in stored}, "this run")
+        lineages: dict[str, dict[str, str]] = {}
+        for name in pipeline.inputs():
+            lineages.update(self._source_lineages(name))
+        require_consistent(lineages, "this run")
 
     @hook_impl
     def before_node_run(self, node: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        datasets = [name for name in node.inputs if not name.startswith("params:")]
-        lineages = {name: self._lineage(name) for name in datasets}
+        # Each parameter's digest and each stored input's (a bundle's: each of its parts').
+        lineages: dict[str, dict[str, str]] = {}
+        digests: dict[str, str] = {}
+        for name, value in inputs.items():
+            if name.startswith("params:"):
+                digests[name] = digest_of(value)
+                continue
+            for source, lineage in self._source_lineages(name).items():
+                lineages[source] = lineage
+                if source in lineage:
+                    digests[source] = lineage[source]
         require_consistent(lineages, f"node {node.name}")
         self._made_from[node.name] = {
             k: v for lineage in lineages.values() for k, v in lineage.items()
         }
-        self._inputs[node.name] = {
-            name: digest_of(value) if name.startswith("params:") else lineages[name][name]
-            for name, value in inputs.items()
-            if name.startswith("params:") or name in lineages[name]
-        }
+        self._inputs[node.name] = digests
         if INPUT_LINEAGE not in node.inputs:
             return None
         made_from = self._made_from[node.name]
@@ -254,57 +266,71 @@ class ProvenanceHook:
     @hook_impl
     def after_dataset_saved(self, dataset_name: str, node: Any) -> None:
         made_from = self._made_from[node.name]
-        path = self._path(dataset_name)
-        if path is None:  # in memory: it carries its inputs' lineage to the nodes that read it
+        written = [part for part in self._stored(dataset_name) if part.written]
+        if not written:  # in memory: it carries its inputs' lineage to the nodes that read it
             self._lineages[dataset_name] = made_from
             return
-        digest = files_digest(path)
-        self._lineages[dataset_name] = {**made_from, dataset_name: digest}
-        record = {
-            "dataset": dataset_name,
-            "digest": digest,
-            "made_by": node.name,
-            "made_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "inputs": self._inputs[node.name],
-            "lineage": self._lineages[dataset_name],
-        }
-        self._ledger.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self._ledger / f"{dataset_name}.json", record)
-        if isinstance(self._dataset(dataset_name), PretrainedModelDataset):
-            write_json_atomic(path / PROVENANCE_FILE, record)
+        for part in written:
+            digest = files_digest(part.path)
+            self._lineages[part.name] = {**made_from, part.name: digest}
+            record = {
+                "dataset": part.name,
+                "digest": digest,
+                "made_by": node.name,
+                "made_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "inputs": self._inputs[node.name],
+                "lineage": self._lineages[part.name],
+            }
+            self._ledger.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self._ledger / f"{part.name}.json", record)
+            if isinstance(part.dataset, PretrainedModelDataset):
+                write_json_atomic(part.path / PROVENANCE_FILE, record)
 
-    def _lineage(self, name: str) -> dict[str, str]:
-        """What ``name`` was made from (itself included): as this run made it, or as the
-        ledger recorded it if its files are still those; else only itself (made elsewhere,
-        or changed since, like a shipped or downloaded checkpoint)."""
-        if name not in self._lineages:
-            path = self._path(name)
-            if path is None or not path.exists():
+    def _source_lineages(self, name: str) -> dict[str, dict[str, str]]:
+        """What ``name`` was made from, by the name of each stored thing it reads (itself; a
+        bundle's parts), so a bundle's parts are checked against each other and against the
+        same artifacts read elsewhere; a dataset in memory goes by its own name."""
+        parts = self._stored(name)
+        if not parts:
+            return {name: self._lineages.get(name, {})}
+        return {part.name: self._part_lineage(part) for part in parts}
+
+    def _part_lineage(self, part: StoredPart) -> dict[str, str]:
+        """What a stored folder or file was made from (itself included): as this run made it,
+        or as the ledger recorded it if its files are still those; else only itself (made
+        elsewhere, or changed since, like a shipped or downloaded checkpoint)."""
+        if part.name not in self._lineages:
+            if not part.path.exists():
                 return {}
-            digest = files_digest(path)
-            record = self._ledger / f"{name}.json"
+            digest = files_digest(part.path)
+            record = self._ledger / f"{part.name}.json"
             recorded = json.loads(record.read_text()) if record.is_file() else {}
-            self._lineages[name] = (
-                recorded["lineage"] if recorded.get("digest") == digest else {name: digest}
+            self._lineages[part.name] = (
+                recorded["lineage"] if recorded.get("digest") == digest else {part.name: digest}
             )
-        return self._lineages[name]
+        return self._lineages[part.name]
+
+    def _stored(self, name: str) -> list[StoredPart]:
+        parts = stored_parts(self._catalog, name)
+        self._stored_datasets.update((part.name, part.dataset) for part in parts)
+        return parts
 
     def _dataset(self, name: str) -> Any:
+        if name in self._stored_datasets:  # a bundle's part without an entry of its own
+            return self._stored_datasets[name]
         return self._catalog.get(name, fallback_to_runtime_pattern=True)
-
-    def _path(self, name: str) -> Path | None:
-        return _local_path(self._catalog, name)
 
     def _refuse_read_only_outputs(self, outputs: set[str]) -> None:
         for name in sorted(outputs):
-            path = self._path(name)
-            folder = next((f for f in self._read_only if path and path.is_relative_to(f)), None)
-            if folder is not None:
-                raise BadInputError(
-                    f"this run would write {name} into {path}, but {folder} is read-only in "
-                    "this environment (globals.yml: read_only_dirs); the shipped foundation "
-                    "checkpoints are made by `kedro run --pipelines foundation` on base"
-                )
+            for part in self._stored(name):
+                folder = next((f for f in self._read_only if part.path.is_relative_to(f)), None)
+                if part.written and folder is not None:
+                    raise BadInputError(
+                        f"this run would write {part.name} into {part.path}, but {folder} is "
+                        "read-only in this environment (globals.yml: read_only_dirs); the "
+                        "shipped foundation checkpoints are made by `kedro run --pipelines "
+                        "foundation` on base"
+                    )
 
 
 class PreflightHook:
@@ -330,14 +356,18 @@ class PreflightHook:
 
 
 def missing_inputs(pipeline: Any, catalog: Any, env: str | None) -> list[tuple[str, str, str]]:
-    """(dataset, path, how to get it) for every path ``pipeline`` reads that does not exist."""
-    missing = []
-    for name in sorted(pipeline.inputs()):
-        path = _local_path(catalog, name)
-        if path is not None and not path.exists():
-            shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-            missing.append((name, str(shown), _how_to_get(name, catalog, env)))
-    if "params:data_ingestion" in pipeline.inputs():  # the run ingests
+    """(dataset, path, how to get it) for every path ``pipeline`` reads that does not exist: a
+    bundle's parts by their own names, and the parts a bundle the run writes only reads."""
+    inputs = pipeline.inputs()
+    found: dict[str, tuple[str, str, str]] = {}
+    for name in inputs | pipeline.all_outputs():
+        for part in stored_parts(catalog, name):
+            if (name in inputs or not part.written) and not part.path.exists():
+                path = part.path
+                shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+                found[part.name] = (part.name, str(shown), _how_to_get(part, name, env))
+    missing = [found[name] for name in sorted(found)]
+    if "params:data_ingestion" in inputs:  # the run ingests
         ingestion = catalog.load("params:data_ingestion")
         if hasattr(ingestion, "model_dump"):  # validated against the node's parameter model
             ingestion = ingestion.model_dump()
@@ -350,36 +380,77 @@ def missing_inputs(pipeline: Any, catalog: Any, env: str | None) -> list[tuple[s
     return missing
 
 
-def _how_to_get(name: str, catalog: Any, env: str | None) -> str:
-    dataset = catalog.get(name, fallback_to_runtime_pattern=True)
-    fetch = (getattr(dataset, "metadata", None) or {}).get("fetch")
+def _how_to_get(part: StoredPart, dataset_name: str, env: str | None) -> str:
+    """A part's ``metadata.fetch``, else the first pipeline that writes it (or the bundle
+    ``dataset_name`` it is written through)."""
+    fetch = (getattr(part.dataset, "metadata", None) or {}).get("fetch")
     if fetch:
         return fetch
     from kedro.framework.project import pipelines  # the registry, once the project is set up
 
+    names = {part.name, dataset_name} if part.written else {part.name}
     makers = [
         stage
         for stage, pipeline in pipelines.items()
-        if stage != "__default__" and name in pipeline.all_outputs()
+        if stage != "__default__" and names & pipeline.all_outputs()
     ]
     if not makers:
         return "no pipeline makes it"
     return f"kedro run{f' --env {env}' if env else ''} --pipelines {makers[0]}"
 
 
-# Errors whose message is the whole story: no traceback on the console.
-_PLAIN_ERRORS = (BadInputError, ParameterValidationError)
+@dataclass(frozen=True)
+class StoredPart:
+    """A folder or file a dataset keeps its data in: ``name``, the name its provenance and
+    the preflight's list go by; ``written``, whether saving the dataset writes it."""
+
+    name: str
+    path: Path
+    dataset: Any
+    written: bool
 
 
-def _local_path(catalog: Any, name: str) -> Path | None:
-    """Where a dataset's files are, or None for one held in memory (or remote)."""
+def stored_parts(catalog: Any, name: str) -> list[StoredPart]:
+    """The local folders and files of the dataset ``name``: its own path, under its own name;
+    for a model bundle, each part's, under the name of the catalog entry configured as that
+    part (the catalog writes a part as ``${entry}``), else ``<name>.<part>``. None for a
+    dataset held in memory (or remotely)."""
     if name.startswith("params:"):
-        return None
-    described = catalog.get(name, fallback_to_runtime_pattern=True)._describe()
+        return []
+    dataset = catalog.get(name, fallback_to_runtime_pattern=True)
+    if not isinstance(dataset, ModelBundleDataset):
+        path = _local_path(dataset)
+        return [] if path is None else [StoredPart(name, path, dataset, written=True)]
+    parts = []
+    for part, part_dataset in dataset.parts.items():
+        path = None if part_dataset is None else _local_path(part_dataset)
+        if path is not None:
+            entry = _entry_configured_as(catalog, part_dataset) or f"{name}.{part}"
+            parts.append(StoredPart(entry, path, part_dataset, part in dataset.saved_parts))
+    return parts
+
+
+def _entry_configured_as(catalog: Any, dataset: Any) -> str | None:
+    """The catalog entry whose dataset is of ``dataset``'s type and described the same."""
+    described = dataset._describe()
+    for name in sorted(catalog):  # lazy entries come first, so the order would move
+        entry = catalog.get(name)
+        if type(entry) is type(dataset) and entry._describe() == described:
+            return name
+    return None
+
+
+def _local_path(dataset: Any) -> Path | None:
+    """Where a dataset's files are, or None for one held in memory (or remote)."""
+    described = dataset._describe()
     location = described.get("filepath") or described.get("path")
     if location is None or described.get("protocol", "file") != "file":
         return None
     return Path(str(location))
+
+
+# Errors whose message is the whole story: no traceback on the console.
+_PLAIN_ERRORS = (BadInputError, ParameterValidationError)
 
 
 def _data_root(context: Any) -> Path:
@@ -434,12 +505,12 @@ class TrackingHook:
     def after_dataset_saved(self, dataset_name: str) -> None:
         if not self._on:
             return
-        record = _data_root(self._context) / "provenance" / f"{dataset_name}.json"
-        if record.is_file():
-            mlflow.set_tag(f"digest.{dataset_name}", json.loads(record.read_text())["digest"])
-        path = _local_path(self._catalog, dataset_name)
-        if dataset_name in REPORT_ARTIFACTS and path is not None and path.exists():
-            log_artifact(path)
+        for part in stored_parts(self._catalog, dataset_name):
+            record = _data_root(self._context) / "provenance" / f"{part.name}.json"
+            if part.written and record.is_file():
+                mlflow.set_tag(f"digest.{part.name}", json.loads(record.read_text())["digest"])
+            if dataset_name in REPORT_ARTIFACTS and part.path.exists():
+                log_artifact(part.path)
 
     @hook_impl
     def after_pipeline_run(self) -> None:

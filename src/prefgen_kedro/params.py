@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import PreTrainedModel, ProcessorMixin
 
 from prefgen_kedro.models.mllm import AnswerLoss, MllmPreferenceModel
+from prefgen_kedro.models.stack import MllmWithProcessor
 from prefgen_kedro.training import TrainConfig
 
 
@@ -42,12 +42,12 @@ class ViperStyleParams(StrictParams):
     batch_size: int = Field(ge=1)
 
     def reader(
-        self, tuned_mllm: PreTrainedModel, processor: ProcessorMixin, batch_size: int | None = None
+        self, tuned_mllm: MllmWithProcessor, batch_size: int | None = None
     ) -> MllmPreferenceModel:
         """The tuned MLLM as ``viper_style`` reads tastes with it (and the judges score)."""
         return MllmPreferenceModel(
-            tuned_mllm,
-            processor,
+            tuned_mllm.model,
+            tuned_mllm.processor,
             slot_positions=self.mllm_slot_positions,
             batch_size=batch_size or self.batch_size,
         )

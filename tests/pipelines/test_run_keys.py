@@ -4,6 +4,7 @@ hand-built fingerprints they replace read a few values of one input."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from PIL import Image
 
+from prefgen_kedro.models.stack import MllmWithProcessor
 from prefgen_kedro.params import AlignmentParams
 from prefgen_kedro.pipelines.alignment.nodes import train_aligners
 from prefgen_kedro.pipelines.diffusion.nodes import train_user_branches
@@ -96,7 +98,7 @@ def test_vqa_tuning_retrains_for_one_start_weight_one_pixel_or_slot_positions(
 
     def tune(mllm=None, pictures=raw_images, settings=params) -> bool:
         model = mllm if mllm is not None else catalog.load("foundation_mllm")
-        _, report = tune_mllm(model, processor, examples, pictures, settings)
+        _, report = tune_mllm(MllmWithProcessor(model, processor), examples, pictures, settings)
         return report["stages"][0]["run"]["reused"]
 
     assert tune() is False
@@ -131,22 +133,12 @@ def test_user_branches_retrain_when_their_parts_or_the_base_unet_change(
     conditions = catalog.load("user_conditions")
     images, interactions = catalog.load("images"), catalog.load("interactions")
     raw_images = catalog.load("raw_images")
-    scheduler = catalog.load("noise_scheduler")
-    clip, tokenizer = catalog.load("conditioning_clip"), catalog.load("clip_tokenizer")
+    stack = catalog.load("diffusion_stack")
 
     def train(user_conditions: pd.DataFrame = conditions, unet=None) -> dict[str, bool]:
         unet = unet if unet is not None else catalog.load("base_unet")
         _, report = train_user_branches(
-            user_conditions,
-            images,
-            interactions,
-            raw_images,
-            unet,
-            None,
-            scheduler,
-            clip,
-            tokenizer,
-            params,
+            user_conditions, images, interactions, raw_images, replace(stack, unet=unet), params
         )
         return reused(report["variants"])
 

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.data.pictures import (
     PictureFiles,
@@ -43,6 +43,7 @@ from prefgen_kedro.models.diffusion import (
     to_diffusion_pixels,
 )
 from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.models.stack import DiffusionStack, MllmWithProcessor
 from prefgen_kedro.models.user_adapter import (
     USER_BRANCH_RECIPE,
     UserAdapter,
@@ -309,15 +310,10 @@ def validate_user_branches(
     users: pd.DataFrame,
     images: pd.DataFrame,
     interactions: pd.DataFrame,
-    base_unet: UNet2DConditionModel,
-    base_vae: AutoencoderKL | None,
-    noise_scheduler: DDPMScheduler,
-    conditioning_clip: CLIPModel,
-    clip_tokenizer: PreTrainedTokenizerBase,
+    stack: DiffusionStack,
     evaluation_clip: EvaluationClip,
     attribute_oracle: AttributeOracle,
-    tuned_mllm: PreTrainedModel,
-    mllm_processor: ProcessorMixin,
+    tuned_mllm: MllmWithProcessor,
     raw_images: Mapping[str, Callable],
     training_report: dict,
     params: DiffusionParams,
@@ -344,20 +340,16 @@ def validate_user_branches(
     ).join(validation, on="user_id")
     canonical = validation.loc[cases["user_id"].unique()]
     contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
-    reader = params.viper_style.reader(tuned_mllm, mllm_processor)
+    reader = params.viper_style.reader(tuned_mllm)
     samples = sample_methods(
         ["base", *user_branches.adapters, "viper_style"],
         cases,
-        unet=base_unet.float().eval(),
-        scheduler=noise_scheduler,
-        text_encoder=conditioning_clip.text_model.float().eval(),
-        tokenizer=clip_tokenizer,
+        stack=stack,
         branches=user_branches.adapters,
         taste_reader=reader,
         contexts=contexts,
         viper_beta=params.viper_style.beta,
         sampling=params.sampling.model_dump(),
-        vae=base_vae,
     )
     if agent_world:
         oracle = attribute_oracle.float().eval()

@@ -30,6 +30,7 @@ from prefgen_kedro.models.diffusion import encode_prompts, sample
 from prefgen_kedro.models.metrics import clip_preference, clip_score
 from prefgen_kedro.models.mllm import MllmPreferenceModel, PreferenceContext
 from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.models.stack import DiffusionStack
 from prefgen_kedro.models.user_adapter import UserAdapter, install_user_adapter
 from prefgen_kedro.models.vqa import TASTE_QUESTION, parse_taste
 from prefgen_kedro.world.agent_world import SOURCE as RENDER_SOURCE
@@ -200,28 +201,26 @@ def sample_methods(
     methods: Sequence[str],
     cases: pd.DataFrame,
     *,
-    unet: UNet2DConditionModel,
-    scheduler: object,
-    text_encoder: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    stack: DiffusionStack,
     branches: Mapping[str, UserAdapter],
     taste_reader: MllmPreferenceModel,
     contexts: Mapping[str, PreferenceContext],
     viper_beta: float,
     sampling: Mapping[str, object],
-    vae: AutoencoderKL | None = None,
 ) -> MethodSamples:
     """One image per case for each method: ``base`` (the prompt alone), ``viper_style``
     (prompt arithmetic on the MLLM's reading of ``contexts``) or a trained user branch fed
     the case's condition parts. ``cases`` has ``user_id``, ``prompt``, ``seed`` and the
-    branches' part columns; every method samples the same prompts and seeds. A latent
-    ``unet`` (SD 1.5) needs its ``vae``."""
+    branches' part columns; every method samples the same prompts and seeds with the
+    ``stack`` (its UNet and text tower in float32; a latent UNet decodes with its VAE)."""
     unknown = sorted(set(methods) - {*UNTRAINED_METHODS, *branches})
     if unknown:
         raise ValueError(
             f"cannot sample methods {unknown}: known are {[*UNTRAINED_METHODS, *branches]} "
             "(user branches come from diffusion.variants)"
         )
+    unet, text_encoder = stack.unet.float().eval(), stack.clip.text_model.float().eval()
+    scheduler, vae, tokenizer = stack.scheduler, stack.vae, stack.tokenizer
     prompt_embeds = encode_prompts(text_encoder, tokenizer, cases["prompt"].tolist())
     empty = encode_prompts(text_encoder, tokenizer, [""])
     seeds = cases["seed"].tolist()

@@ -14,15 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import pandas as pd
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from prefgen_kedro.models.alignment import Aligners
 from prefgen_kedro.models.clip import EvaluationClip
 from prefgen_kedro.models.diffusion import encode_prompts
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.probes import taste_audit
+from prefgen_kedro.models.stack import DiffusionStack, MllmWithProcessor
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.models.user_branches import (
     branch_training_set,
@@ -38,22 +37,21 @@ def make_user_conditions(
     probe_contexts: pd.DataFrame,
     context_embeddings: pd.DataFrame,
     aligners: Aligners,
-    conditioning_clip: CLIPModel,
-    clip_tokenizer: PreTrainedTokenizerBase,
+    diffusion_stack: DiffusionStack,
     raw_images: Mapping[str, Callable],
     users: pd.DataFrame,
     params: DiffusionParams,
 ) -> pd.DataFrame:
     """Every part of every user's condition, for each of its contexts (context 0 is the
     canonical one the evaluation uses): each aligner's part (``e_sem_hat``, ...), ``e_img``
-    and ``mean_clip``, next to the contexts' ``e_sem`` and ``e_core``; in the agent world
-    also ``true_sem``."""
+    (from the stack's conditioning CLIP) and ``mean_clip``, next to the contexts' ``e_sem``
+    and ``e_core``; in the agent world also ``true_sem``."""
     return user_conditions(
         probe_contexts,
         context_embeddings,
         aligners,
-        conditioning_clip,
-        clip_tokenizer,
+        diffusion_stack.clip,
+        diffusion_stack.tokenizer,
         raw_images,
         users,
         params,
@@ -65,38 +63,36 @@ def train_user_branches(
     images: pd.DataFrame,
     interactions: pd.DataFrame,
     raw_images: Mapping[str, Callable],
-    base_unet: UNet2DConditionModel,
-    base_vae: AutoencoderKL | None,
-    noise_scheduler: DDPMScheduler,
-    conditioning_clip: CLIPModel,
-    clip_tokenizer: PreTrainedTokenizerBase,
+    diffusion_stack: DiffusionStack,
     params: DiffusionParams,
 ) -> tuple[UserBranches, dict]:
-    """Train one adapter per variant on the frozen base UNet (on the latents of
-    ``base_vae`` when the UNet is a latent one, e.g. SD 1.5). Each variant's run is keyed by
-    the samples it trains on (pixels or latents, prompt states, its condition parts), the
-    base UNet's weights and the noise schedule, so a variant whose inputs are unchanged is
-    reused and any other trains afresh. The samples are read from disk a batch at a time
+    """Train one adapter per variant on the frozen base UNet (on the latents of the stack's
+    VAE when the UNet is a latent one, e.g. SD 1.5). Each variant's run is keyed by the
+    samples it trains on (pixels or latents, prompt states, its condition parts), the base
+    UNet's weights and the noise schedule, so a variant whose inputs are unchanged is reused
+    and any other trains afresh. The samples are read from disk a batch at a time
     (``branch_training_set``). (Step times: ``benchmarks/adapter_step.py``.)"""
+    stack = diffusion_stack
     dataset = branch_training_set(
         user_conditions,
         images,
         interactions,
         raw_images,
-        conditioning_clip,
-        clip_tokenizer,
-        base_vae,
+        stack.clip,
+        stack.tokenizer,
+        stack.vae,
         params.checkpoint_root,  # its sample files, removed after the node
     )
-    empty = encode_prompts(conditioning_clip.text_model.float().eval(), clip_tokenizer, [""])
-    unet = base_unet.float()
+    empty = encode_prompts(stack.clip.text_model.float().eval(), stack.tokenizer, [""])
+    # Changed in place: the catalog loads the stack afresh for every node.
+    unet = stack.unet.float()
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    base = {"unet": digest_of(unet), "noise_scheduler": digest_of(noise_scheduler)}
+    base = {"unet": digest_of(unet), "noise_scheduler": digest_of(stack.scheduler)}
     adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
     for name, parts in params.active_variants.items():
         adapters[name], report["variants"][name] = train_user_branch(
-            name, parts, dataset, unet, noise_scheduler, empty, base, params
+            name, parts, dataset, unet, stack.scheduler, empty, base, params
         )
     return UserBranches.of(adapters), report
 
@@ -107,15 +103,10 @@ def evaluate_user_branches(
     users: pd.DataFrame,
     images: pd.DataFrame,
     interactions: pd.DataFrame,
-    base_unet: UNet2DConditionModel,
-    base_vae: AutoencoderKL | None,
-    noise_scheduler: DDPMScheduler,
-    conditioning_clip: CLIPModel,
-    clip_tokenizer: PreTrainedTokenizerBase,
+    diffusion_stack: DiffusionStack,
     evaluation_clip: EvaluationClip,
     attribute_oracle: AttributeOracle,
-    tuned_mllm: PreTrainedModel,
-    mllm_processor: ProcessorMixin,
+    tuned_mllm: MllmWithProcessor,
     raw_images: Mapping[str, Callable],
     training_report: dict,
     params: DiffusionParams,
@@ -128,15 +119,10 @@ def evaluate_user_branches(
         users,
         images,
         interactions,
-        base_unet,
-        base_vae,
-        noise_scheduler,
-        conditioning_clip,
-        clip_tokenizer,
+        diffusion_stack,
         evaluation_clip,
         attribute_oracle,
         tuned_mllm,
-        mllm_processor,
         raw_images,
         training_report,
         params,

@@ -12,9 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import pandas as pd
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from prefgen_kedro.benchmark import fidelity_by_method, generations_table, method_metrics
 from prefgen_kedro.benchmark_report import benchmark_report
@@ -25,6 +23,7 @@ from prefgen_kedro.data.pictures import (
 )
 from prefgen_kedro.models.clip import EvaluationClip
 from prefgen_kedro.models.oracle import AttributeOracle
+from prefgen_kedro.models.stack import DiffusionStack, MllmWithProcessor
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.models.user_generation import (
     draw_prompts,
@@ -72,13 +71,8 @@ def generate_images(
     evaluation_cases: pd.DataFrame,
     user_branches: UserBranches,
     images: pd.DataFrame,
-    base_unet: UNet2DConditionModel,
-    base_vae: AutoencoderKL | None,
-    noise_scheduler: DDPMScheduler,
-    conditioning_clip: CLIPModel,
-    clip_tokenizer: PreTrainedTokenizerBase,
-    tuned_mllm: PreTrainedModel,
-    mllm_processor: ProcessorMixin,
+    diffusion_stack: DiffusionStack,
+    tuned_mllm: MllmWithProcessor,
     raw_images: Mapping[str, Callable],
     diffusion: DiffusionParams,
     params: EvaluationParams,
@@ -91,16 +85,12 @@ def generate_images(
     samples = sample_methods(
         params.methods,
         evaluation_cases,
-        unet=base_unet.float().eval(),
-        scheduler=noise_scheduler,
-        text_encoder=conditioning_clip.text_model.float().eval(),
-        tokenizer=clip_tokenizer,
+        stack=diffusion_stack,
         branches=user_branches.adapters,
-        taste_reader=diffusion.viper_style.reader(tuned_mllm, mllm_processor),
+        taste_reader=diffusion.viper_style.reader(tuned_mllm),
         contexts=preference_contexts(canonical, pictures),
         viper_beta=diffusion.viper_style.beta,
         sampling=diffusion.sampling.model_dump(),
-        vae=base_vae,
     )
     generations, files = generations_table(samples.images, evaluation_cases, images, pictures)
     return generations, files, samples.report(len(evaluation_cases))
@@ -114,8 +104,7 @@ def score_generations(
     raw_images: Mapping[str, Callable],
     evaluation_clip: EvaluationClip,
     attribute_oracle: AttributeOracle,
-    tuned_mllm: PreTrainedModel,
-    mllm_processor: ProcessorMixin,
+    tuned_mllm: MllmWithProcessor,
     diffusion: DiffusionParams,
     params: EvaluationParams,
 ) -> pd.DataFrame:
@@ -124,7 +113,7 @@ def score_generations(
     world the oracle's utility, liked verdict and subject check."""
     pixels = generated_pictures(generations, generated_images)
     canonical = evaluation_cases.drop_duplicates("user_id").set_index("user_id")
-    judge = diffusion.viper_style.reader(tuned_mllm, mllm_processor, params.judge_batch_size)
+    judge = diffusion.viper_style.reader(tuned_mllm, params.judge_batch_size)
     found = preference_scores(
         pixels,
         generations["prompt"].tolist(),

@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from pydantic import Field
-from transformers import CLIPModel, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.data.pictures import PictureFiles
 from prefgen_kedro.figures import probe_figure
 from prefgen_kedro.models.clip import conditioning_clip_encoders
 from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.probes import probe_hidden_states, probe_layers, user_embeddings
+from prefgen_kedro.models.stack import MllmWithProcessor
 from prefgen_kedro.models.vqa import (
     QUESTION,
     TASTE_QUESTION,
@@ -76,8 +77,7 @@ def sample_probe_contexts(
 
 
 def read_hidden_states(
-    tuned_mllm: PreTrainedModel,
-    processor: ProcessorMixin,
+    tuned_mllm: MllmWithProcessor,
     probe_contexts: pd.DataFrame,
     images: pd.DataFrame,
     interactions: pd.DataFrame,
@@ -89,7 +89,10 @@ def read_hidden_states(
     query questions of training and validation users (with their labels)."""
     pictures = PictureFiles(raw_images)  # read a batch at a time
     model = MllmPreferenceModel(
-        tuned_mllm, processor, slot_positions=params.slot_positions, batch_size=params.batch_size
+        tuned_mllm.model,
+        tuned_mllm.processor,
+        slot_positions=params.slot_positions,
+        batch_size=params.batch_size,
     )
     questions = sample_vqa_examples(
         images,

@@ -17,8 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 read_hidden_states,
                 [
-                    "tuned_mllm",
-                    "foundation_mllm_processor",
+                    "tuned_mllm_with_processor",
                     "probe_contexts",
                     "images",
                     "interactions",

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import pandas as pd
 from matplotlib.figure import Figure
-from transformers import PreTrainedModel, ProcessorMixin
 
 from prefgen_kedro.data.pictures import PictureFiles
 from prefgen_kedro.figures import vqa_learning_curve_figure
+from prefgen_kedro.models.stack import MllmWithProcessor
 from prefgen_kedro.models.vqa import examples_table, sample_vqa_examples
 from prefgen_kedro.models.vqa_tuning import tune_through_stages, validation_metrics
 from prefgen_kedro.params import VqaTuningParams
@@ -61,22 +62,23 @@ def make_vqa_examples(
 
 
 def tune_mllm(
-    mllm: PreTrainedModel,
-    processor: ProcessorMixin,
+    mllm: MllmWithProcessor,
     vqa_examples: pd.DataFrame,
     raw_images: Mapping[str, Callable],
     params: VqaTuningParams,
-) -> tuple[PreTrainedModel, dict]:
-    """Tune ``mllm`` through the K stages; returns the tuned model (LoRA merged) and the
-    training report: per-stage histories, the learning curve and questions/s. Pictures are
-    read from ``raw_images`` as a batch shows them."""
-    return tune_through_stages(mllm, processor, vqa_examples, PictureFiles(raw_images), params)
+) -> tuple[MllmWithProcessor, dict]:
+    """Tune ``mllm``'s model through the K stages; returns the tuned model (LoRA merged) with
+    the same processor, and the training report: per-stage histories, the learning curve and
+    questions/s. Pictures are read from ``raw_images`` as a batch shows them."""
+    tuned, report = tune_through_stages(
+        mllm.model, mllm.processor, vqa_examples, PictureFiles(raw_images), params
+    )
+    return replace(mllm, model=tuned), report
 
 
 def evaluate_vqa(
-    pretrained_mllm: PreTrainedModel,
-    tuned_mllm: PreTrainedModel,
-    processor: ProcessorMixin,
+    pretrained_mllm: MllmWithProcessor,
+    tuned_mllm: MllmWithProcessor,
     vqa_examples: pd.DataFrame,
     raw_images: Mapping[str, Callable],
     images: pd.DataFrame,
@@ -87,9 +89,9 @@ def evaluate_vqa(
     """``vqa_metrics`` on the validation users (``vqa_tuning.validation_metrics``) and the
     learning-curve figure."""
     metrics = validation_metrics(
-        pretrained_mllm,
-        tuned_mllm,
-        processor,
+        pretrained_mllm.model,
+        tuned_mllm.model,
+        tuned_mllm.processor,
         vqa_examples,
         PictureFiles(raw_images),
         images,

@@ -17,22 +17,20 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 tune_mllm,
                 [
-                    "foundation_mllm",
-                    "foundation_mllm_processor",
+                    "foundation_mllm_with_processor",
                     "vqa_examples",
                     "raw_images",
                     "params:vqa_tuning",
                 ],
-                ["tuned_mllm", "vqa_tuning_report"],
+                ["tuned_mllm_with_processor", "vqa_tuning_report"],
                 name="tune_mllm",
                 tags=["training"],
             ),
             Node(
                 evaluate_vqa,
                 [
-                    "foundation_mllm",
-                    "tuned_mllm",
-                    "foundation_mllm_processor",
+                    "foundation_mllm_with_processor",
+                    "tuned_mllm_with_processor",
                     "vqa_examples",
                     "raw_images",
                     "images",
