@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 
 import pandas as pd
 from PIL import Image
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.models.alignment import Aligners
 from prefgen_kedro.models.clip import EvaluationClip
@@ -37,21 +38,23 @@ def make_user_conditions(
     probe_contexts: pd.DataFrame,
     context_embeddings: pd.DataFrame,
     aligners: Aligners,
-    diffusion_stack: DiffusionStack,
+    conditioning_clip: CLIPModel,
+    clip_tokenizer: PreTrainedTokenizerBase,
     raw_images: Mapping[str, Callable],
     users: pd.DataFrame,
     params: DiffusionParams,
 ) -> pd.DataFrame:
     """Every part of every user's condition, for each of its contexts (context 0 is the
     canonical one the evaluation uses): each aligner's part (``e_sem_hat``, ...), ``e_img``
-    (from the stack's conditioning CLIP) and ``mean_clip``, next to the contexts' ``e_sem``
-    and ``e_core``; in the agent world also ``true_sem``."""
+    and ``mean_clip``, next to the contexts' ``e_sem`` and ``e_core``; in the agent world
+    also ``true_sem``. It reads the conditioning CLIP alone, not the whole diffusion stack:
+    on ``gpu`` that would bring SD 1.5's UNet and VAE onto the GPU for nothing."""
     return user_conditions(
         probe_contexts,
         context_embeddings,
         aligners,
-        diffusion_stack.clip,
-        diffusion_stack.tokenizer,
+        conditioning_clip,
+        clip_tokenizer,
         raw_images,
         users,
         params,
