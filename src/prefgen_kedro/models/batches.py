@@ -46,8 +46,8 @@ def _process_runs(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # runs, under another user
-        return True
+    except PermissionError:  # it runs, under another user
+        pass
     return True
 
 

@@ -66,7 +66,7 @@ def train_user_branches(
     images: pd.DataFrame,
     interactions: pd.DataFrame,
     raw_images: Mapping[str, Callable],
-    diffusion_stack: DiffusionStack,
+    stack: DiffusionStack,
     params: DiffusionParams,
 ) -> tuple[UserBranches, dict]:
     """Train one adapter per variant on the frozen base UNet (on the latents of the stack's
@@ -75,7 +75,6 @@ def train_user_branches(
     UNet's weights and the noise schedule, so a variant whose inputs are unchanged is reused
     and any other trains afresh. The samples are read from disk a batch at a time
     (``branch_training_set``). (Step times: ``benchmarks/adapter_step.py``.)"""
-    stack = diffusion_stack
     dataset = branch_training_set(
         user_conditions,
         images,
