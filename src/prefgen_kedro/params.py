@@ -41,13 +41,12 @@ class ViperStyleParams(StrictParams):
     mllm_slot_positions: bool  # as vqa_tuning.slot_positions
     batch_size: int = Field(ge=1)
 
-    def reader(
-        self, tuned_mllm: MllmWithProcessor, batch_size: int | None = None
-    ) -> MllmPreferenceModel:
-        """The tuned MLLM as ``viper_style`` reads tastes with it (and the judges score)."""
+    def reader(self, mllm: MllmWithProcessor, batch_size: int | None = None) -> MllmPreferenceModel:
+        """An MLLM as ``viper_style`` reads tastes with it (the foundation MLLM, which was
+        taught to state one) and as the judges score with it (the tuned MLLM)."""
         return MllmPreferenceModel(
-            tuned_mllm.model,
-            tuned_mllm.processor,
+            mllm.model,
+            mllm.processor,
             slot_positions=self.mllm_slot_positions,
             batch_size=batch_size or self.batch_size,
         )

@@ -313,6 +313,7 @@ def validate_user_branches(
     stack: DiffusionStack,
     evaluation_clip: EvaluationClip,
     attribute_oracle: AttributeOracle,
+    foundation_mllm: MllmWithProcessor,
     tuned_mllm: MllmWithProcessor,
     raw_images: Mapping[str, Callable],
     training_report: dict,
@@ -322,7 +323,8 @@ def validate_user_branches(
     canonical contexts (the prompts of ``draw_prompts``): per method the oracle like-rate,
     mean utility and subject accuracy for simulated users, the MLLM judge's P(yes), CLIP
     score and CLIP-I for real ones (whose taste no oracle knows); sampling images/s; and a
-    grid of a few users. (The benchmark on test users is the ``evaluation`` pipeline.)"""
+    grid of a few users. ``viper_style`` reads tastes with ``foundation_mllm``, the judge is
+    ``tuned_mllm``. (The benchmark on test users is the ``evaluation`` pipeline.)"""
     agent_world = tastes_are_known(users)
     validation = (
         user_conditions[(user_conditions["split"] == "val") & (user_conditions["context"] == 0)]
@@ -340,13 +342,12 @@ def validate_user_branches(
     ).join(validation, on="user_id")
     canonical = validation.loc[cases["user_id"].unique()]
     contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
-    reader = params.viper_style.reader(tuned_mllm)
     samples = sample_methods(
         ["base", *user_branches.adapters, "viper_style"],
         cases,
         stack=stack,
         branches=user_branches.adapters,
-        taste_reader=reader,
+        taste_reader=params.viper_style.reader(foundation_mllm),
         contexts=contexts,
         viper_beta=params.viper_style.beta,
         sampling=params.sampling.model_dump(),
@@ -354,6 +355,8 @@ def validate_user_branches(
     if agent_world:
         oracle = attribute_oracle.float().eval()
         simulated = simulated_users(users, cases["user_id"])
+    else:
+        judge = params.viper_style.reader(tuned_mllm)
     metrics: dict = {"users": len(canonical), "images_per_method": len(cases)}
     for method, generated in samples.images.items():
         if agent_world:
@@ -370,7 +373,7 @@ def validate_user_branches(
                 cases["user_id"].tolist(),
                 contexts,
                 evaluation_clip=evaluation_clip,
-                judge=reader,
+                judge=judge,
             )
             found = {column: float(value) for column, value in scores.mean().items()}
         metrics[method] = {**found, "images_per_second": samples.images_per_second[method]}

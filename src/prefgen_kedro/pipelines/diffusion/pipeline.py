@@ -62,6 +62,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "diffusion_stack",
                     "evaluation_clip",
                     "attribute_oracle",
+                    "foundation_mllm_with_processor",
                     "tuned_mllm_with_processor",
                     "raw_images",
                     "diffusion_training_report",

@@ -28,7 +28,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "user_branches",
                     "images",
                     "diffusion_stack",
-                    "tuned_mllm_with_processor",
+                    "foundation_mllm_with_processor",
                     "raw_images",
                     "params:diffusion",
                     "params:evaluation",
