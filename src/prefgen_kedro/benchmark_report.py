@@ -34,6 +34,16 @@ FIDELITY_COLUMNS = {
 BASELINES = ("base", "ip_adapter", "mean_clip", "viper_style")
 
 
+def _case_words(simulated: bool, prompts_per_user: int) -> tuple[str, str, str]:
+    """How the report names a user's prompts, what is drawn alike for every method and the
+    FID reference's kind."""
+    several = prompts_per_user > 1
+    if simulated:
+        return "subject-only prompt" + "s" * several, "subjects", "renders"
+    caption = " the caption of one of the user's liked images outside its context"
+    return ("prompts, each" if several else "prompt,") + caption, "prompts", "images"
+
+
 def benchmark_report(
     metrics: pd.DataFrame,
     generations: pd.DataFrame,
@@ -64,15 +74,7 @@ def benchmark_report(
     preference_columns = {k: v for k, v in PREFERENCE_COLUMNS.items() if k in measured}
     fidelity_columns = {k: v for k, v in FIDELITY_COLUMNS.items() if k in measured}
     simulated = "like_rate" in measured
-    prompts, drawn, reference_kind = (
-        ("subject-only prompts", "subjects", "renders")
-        if simulated
-        else (
-            "prompts, each the caption of one of the user's liked images outside its context",
-            "prompts",
-            "images",
-        )
-    )
+    prompts, drawn, reference_kind = _case_words(simulated, params.prompts_per_user)
     real_row = (
         "each user's own held-out liked renders: a ceiling for the preference columns"
         if simulated
@@ -194,7 +196,7 @@ def benchmark_report(
             f"grid_{user_id}",
             user_grid(user_id, generations, generated_images, evaluation_cases, raw_images),
             f"User {user_id}: liked and disliked context, then each method's images for "
-            "the prompts "
+            + ("the prompts " if params.prompts_per_user > 1 else "the prompt ")
             + ", ".join(evaluation_cases.loc[evaluation_cases["user_id"] == user_id, "subject"])
             + " (same seeds; `real` shows held-out liked renders).",
         )
