@@ -58,6 +58,8 @@ class DiffusionParams(StrictParams):
     variants: dict[str, list[str] | None]
     tokens_per_part: int = Field(ge=1)
     text_space_parts: list[str]  # fed as tokens unchanged (see UserAdapter)
+    # The UNet blocks whose cross-attentions get the branch (UserAdapter.for_unet).
+    branch_blocks: list[str] = Field(min_length=1)
     e_img: str
     caption_dropout: float = Field(ge=0.0, le=1.0)
     user_dropout: float = Field(ge=0.0, le=1.0)

@@ -107,6 +107,35 @@ def test_branch_is_added_to_the_text_attention():
     assert all((v == 0).all() for v in null_parts(adapter, parts()).values())
 
 
+def test_branch_blocks_limit_the_layers_the_branch_writes_into():
+    unet = tiny_unet().eval()
+    adapter = UserAdapter.for_unet(unet, PARTS, tokens_per_part=2, blocks=["up_blocks"])
+    everywhere = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    assert set(adapter.to_k) == {
+        n.replace(".", "__") for n in everywhere if n.startswith("up_blocks.")
+    }
+    assert len(adapter.to_k) < len(everywhere)
+    install_user_adapter(unet, adapter)
+    reading = {n for n, p in unet.attn_processors.items() if p.to_k is not None}
+    assert reading == {n for n in everywhere if n.startswith("up_blocks.")}
+    with pytest.raises(ValueError, match="'mid_blocks' holds no cross-attention"):
+        UserAdapter.for_unet(unet, PARTS, tokens_per_part=2, blocks=["mid_blocks"])
+    other = build_unet(
+        sample_size=8,
+        in_channels=3,
+        block_out_channels=(8,),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        down_block_types=["DownBlock2D"],
+        up_block_types=["UpBlock2D"],
+        seed=0,
+    )
+    with pytest.raises(KeyError, match="built for another UNet"):
+        install_user_adapter(other, adapter)
+
+
 def test_each_part_of_the_user_tokens_gets_its_own_attention():
     """A part's attention is not diluted by another part's tokens: the branch adds the sum of
     one attention per part (a lone part gives what it gives alone)."""

@@ -2,8 +2,10 @@
 
 ``e_u = [ê_sem; e_core; e_img]`` (or any subset of named parts: the ablations and the
 comparison conditioners use other parts) becomes a few tokens per part of the UNet's
-cross-attention width; every cross-attention (``attn2``) gets a parallel attention over each
-part's tokens whose key/value projections are copies of the text ones, and its output is
+cross-attention width; each cross-attention (``attn2``) of the chosen UNet blocks (all of them
+unless ``blocks`` names some: the decoder's carry the taste, and branches there keep the
+prompt's subject, docs/design.md) gets a parallel attention over each part's tokens whose
+key/value projections are copies of the text ones, and its output is
 ``text attention + scale × Σ_part user attention`` (decoupled as in Ye et al., 2023, and per
 part, so a part the UNet reads like words is not diluted by the others). The UNet, text and
 image encoders stay frozen; the projections learn, and the user key/values only where
@@ -15,12 +17,12 @@ so ``models.diffusion.sample`` drives a branched UNet with its ``extra_condition
 
 Public API: ``USER_BRANCH_RECIPE``, ``UserAdapter``, ``UserBranches`` (several adapters saved
 together), ``UserAttnProcessor``, ``install_user_adapter``, ``UserConditionedUnet``, ``null_parts``,
-``choose_image_embedding``.
+``branch_layers``, ``choose_image_embedding``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,10 +101,13 @@ class UserAdapter(nn.Module, PyTorchModelHubMixin):
         part_dims: Mapping[str, int],
         tokens_per_part: int,
         text_space_parts: list[str] | None = None,
+        blocks: Sequence[str] | None = None,
     ) -> UserAdapter:
         """An adapter sized for ``unet`` whose user key/values start as copies of the text
-        ones, so the branch begins by reading user tokens the way the UNet reads words."""
-        layers = _cross_attention_layers(unet)
+        ones, so the branch begins by reading user tokens the way the UNet reads words. It
+        writes into the cross-attentions of ``blocks`` (UNet block names such as
+        ``up_blocks`` or ``up_blocks.1``; every cross-attention when None)."""
+        layers = branch_layers(unet, blocks)
         adapter = cls(
             part_dims=dict(part_dims),
             tokens_per_part=tokens_per_part,
@@ -231,14 +236,18 @@ class UserAttnProcessor:
 def install_user_adapter(
     unet: UNet2DConditionModel, adapter: UserAdapter, scale: float = 1.0
 ) -> None:
-    """Give every attention layer of ``unet`` a ``UserAttnProcessor`` reading ``adapter``."""
-    layers = _cross_attention_layers(unet)
+    """Give every attention layer of ``unet`` a ``UserAttnProcessor``: those the adapter
+    has key/values for read ``adapter``, the others ignore the user tokens."""
+    unknown = set(adapter.to_k) - {name.replace(".", _DOT) for name in unet.attn_processors}
+    if unknown:
+        raise KeyError(
+            f"the adapter has key/values for layers {sorted(unknown)[:3]} that this UNet "
+            "lacks: built for another UNet?"
+        )
     processors = {}
     for name in unet.attn_processors:
         key = name.replace(".", _DOT)
-        if name in layers:
-            if key not in adapter.to_k:
-                raise KeyError(f"the adapter has no key/value for {name}: built for another UNet?")
+        if key in adapter.to_k:
             processors[name] = UserAttnProcessor(
                 adapter.to_k[key], adapter.to_v[key], scale, adapter.token_groups()
             )
@@ -283,13 +292,29 @@ def choose_image_embedding(liked: torch.Tensor, rule: str) -> torch.Tensor:
     raise ValueError(f"unknown e_img rule {rule!r}; use first_liked or medoid_liked")
 
 
-def _cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
-    """The UNet's ``attn2`` layers by processor name."""
-    return {
+def branch_layers(
+    unet: UNet2DConditionModel, blocks: Sequence[str] | None = None
+) -> dict[str, Attention]:
+    """The UNet's ``attn2`` layers by processor name, only those inside ``blocks`` (block
+    names such as ``up_blocks`` or ``mid_block``) unless None; a block without one is an
+    error."""
+    layers = {
         name: unet.get_submodule(name.removesuffix(".processor"))
         for name in unet.attn_processors
         if name.endswith("attn2.processor")
     }
+    if blocks is None:
+        return layers
+    chosen = {}
+    for block in blocks:
+        inside = {name: layer for name, layer in layers.items() if name.startswith(block + ".")}
+        if not inside:
+            raise ValueError(
+                f"diffusion.branch_blocks: {block!r} holds no cross-attention of this UNet; "
+                f"its cross-attentions are in {sorted({n.split('.attentions')[0] for n in layers})}"
+            )
+        chosen.update(inside)
+    return chosen
 
 
 def _heads(attn: Attention, states: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,7 @@ def train_user_branch(
         {part: dataset.columns[part].shape[1] for part in parts},
         params.tokens_per_part,
         text_space,
+        params.branch_blocks,
     )
     trainable = adapter.trainable_parameters(params.train_key_values)
     if not trainable:  # text-space parts read by the text key/values: used as built
@@ -280,6 +281,7 @@ def train_user_branch(
                 "parts": parts,
                 "text_space": text_space,
                 "recipe": USER_BRANCH_RECIPE,
+                "layers": sorted(adapter.to_k),
                 **params.model_dump(
                     include={
                         "tokens_per_part",
