@@ -30,16 +30,19 @@ from prefgen_kedro.training import TrainConfig, train
 PARTS = {"e_sem_hat": 8, "e_core": 6, "e_img": 4}
 
 
-def tiny_unet():
+def tiny_unet(**shape):
     return build_unet(
-        sample_size=8,
-        in_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-        seed=0,
+        **{
+            "sample_size": 8,
+            "in_channels": 3,
+            "block_out_channels": (8, 16),
+            "layers_per_block": 1,
+            "cross_attention_dim": 8,
+            "attention_head_dim": 2,
+            "norm_num_groups": 4,
+            "seed": 0,
+            **shape,
+        }
     )
 
 
@@ -120,17 +123,8 @@ def test_branch_blocks_limit_the_layers_the_branch_writes_into():
     assert reading == {n for n in everywhere if n.startswith("up_blocks.")}
     with pytest.raises(ValueError, match="'mid_blocks' holds no cross-attention"):
         UserAdapter.for_unet(unet, PARTS, tokens_per_part=2, blocks=["mid_blocks"])
-    other = build_unet(
-        sample_size=8,
-        in_channels=3,
-        block_out_channels=(8,),
-        layers_per_block=1,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-        down_block_types=["DownBlock2D"],
-        up_block_types=["UpBlock2D"],
-        seed=0,
+    other = tiny_unet(
+        block_out_channels=(8,), down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"]
     )
     with pytest.raises(KeyError, match="built for another UNet"):
         install_user_adapter(other, adapter)

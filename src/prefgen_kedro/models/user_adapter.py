@@ -238,7 +238,7 @@ def install_user_adapter(
 ) -> None:
     """Give every attention layer of ``unet`` a ``UserAttnProcessor``: those the adapter
     has key/values for read ``adapter``, the others ignore the user tokens."""
-    unknown = set(adapter.to_k) - {name.replace(".", _DOT) for name in unet.attn_processors}
+    unknown = set(adapter.to_k) - {name.replace(".", _DOT) for name in branch_layers(unet)}
     if unknown:
         raise KeyError(
             f"the adapter has key/values for layers {sorted(unknown)[:3]} that this UNet "
