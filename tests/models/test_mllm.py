@@ -21,6 +21,7 @@ from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PooledLlavaForConditionalGeneration,
     PreferenceContext,
+    VisionFeatureCache,
     VqaDataset,
     _FirstTokenAmong,
     add_lora,
@@ -31,11 +32,14 @@ from prefgen_kedro.models.mllm import (
     collate_vqa,
     encode_vqa,
     frozen_parameters,
+    reads_vision_features,
     train_tokenizer,
+    vision_encoder,
     vqa_loss,
 )
 from prefgen_kedro.models.vqa import (
     MARKERS,
+    TASTE_QUESTION,
     build_prompt,
     query_prompt,
     sample_vqa_examples,
@@ -514,6 +518,69 @@ def test_inference_is_batched_and_padding_free(world, examples, processor, slot_
             extended["position_ids"] = torch.cat([prompt["position_ids"], last + 1, last + 2], 1)
         forced = model(**extended).logits[:, -3:].argmax(-1)
     assert torch.equal(generated[:, -3:], forced)
+
+
+@pytest.mark.parametrize("slot_positions", [False, True])
+def test_cached_vision_features_give_what_the_pixels_give(
+    world, examples, processor, slot_positions
+):
+    model = tiny_mllm(processor, initializer_range=0.08)
+    assert reads_vision_features(model)
+    contexts, queries = contexts_and_queries(world, examples[:5])
+    contexts[1] = PreferenceContext(contexts[1].liked[:1], contexts[1].disliked)
+    settings = {"slot_positions": slot_positions, "batch_size": 2, "max_new_tokens": 5}
+    plain = MllmPreferenceModel(model, processor, cache_vision_features=False, **settings)
+    expected = {
+        "states": plain.hidden_states(contexts, queries),
+        "taste states": plain.hidden_states(contexts, question=TASTE_QUESTION),
+        "judge": plain.judge(contexts, queries),
+    }
+    answers = plain.answer(contexts, queries)
+
+    pictures_through_tower = []
+    hook = vision_encoder(model).register_forward_hook(
+        lambda module, args, output: pictures_through_tower.append(len(args[0]))
+    )
+    cached = MllmPreferenceModel(model, processor, **settings)
+    found = {
+        "states": cached.hidden_states(contexts, queries),
+        "taste states": cached.hidden_states(contexts, question=TASTE_QUESTION),
+        "judge": cached.judge(contexts, queries),
+    }
+    assert cached.answer(contexts, queries) == answers
+    hook.remove()
+    for name, value in expected.items():
+        torch.testing.assert_close(found[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    # each distinct picture went through the frozen tower once, however often it was shown
+    distinct = {
+        picture.tobytes()
+        for context, query in zip(contexts, queries, strict=True)
+        for picture in (*context.liked, *context.disliked, query)
+    }
+    assert sum(pictures_through_tower) == len(distinct)
+
+
+def test_vqa_samples_with_cached_features_score_as_with_pixels(world, processor):
+    model = tiny_mllm(processor)
+    chats = sample_examples(world, samples_per_user=3, questions_per_context=2)
+    assert any(example.turn > 0 for example in chats)  # follow-up questions in a chat
+    plain = VqaDataset(chats, world.pictures, processor, slot_positions=True)
+    cached = VqaDataset(
+        chats,
+        world.pictures,
+        processor,
+        slot_positions=True,
+        vision_features=VisionFeatureCache(model),
+    )
+    with_pixels = plain.collate([plain[i] for i in range(len(plain))])
+    with_features = cached.collate([cached[i] for i in range(len(cached))])
+    assert with_features.keys() == with_pixels.keys() - {"pixel_values"} | {"vision_features"}
+    for key in with_pixels.keys() - {"pixel_values"}:
+        assert torch.equal(with_features[key], with_pixels[key]), key
+    with torch.no_grad():
+        loss_pixels, _ = vqa_loss(model, with_pixels)
+        loss_features, _ = vqa_loss(model, with_features)
+    torch.testing.assert_close(loss_features, loss_pixels, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_on_a_saved_model_trains_only_the_adapters(world, examples, saved, tmp_path):

@@ -35,7 +35,9 @@ Public API:
 - ``PreferenceContext``, ``chat_text``, ``encode_chat``, ``encode_vqa``, ``collate_vqa``,
   ``VqaDataset``, ``append_answer``, ``answer_token_sequence`` — model inputs, with labels
   only on the answer tokens and the eos; ``select_vision_features`` — what the projector
-  reads for a set of pictures, to stand in for their pixels.
+  reads for a set of pictures, to stand in for their pixels; ``reads_vision_features``,
+  ``VisionFeatureCache``, ``BlankLayouts``, ``FeatureChats`` — the same inputs for a model
+  that reads them, each picture through the frozen tower once and each layout encoded once.
 - ``vqa_loss``, ``answer_loss`` — ``compute_loss`` for ``prefgen_kedro.training.train`` (the
   LM loss, or "Yes"/"No" on those two logits alone, optionally weighed apart from the
   reason: ``AnswerLoss``); ``answer_loss_terms`` (the same from logits),
@@ -48,6 +50,7 @@ Public API:
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -658,7 +661,9 @@ def _marker_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 class VqaDataset(Dataset):
     """``VqaExample``s as training samples, one chat per context: an example with ``turn`` 0
     and the follow-ups after it, each answered before the next is asked. ``collate`` is the
-    trainer's ``collate_fn``."""
+    trainer's ``collate_fn``. With ``vision_features`` (a cache of the trained model's frozen
+    tower, ``reads_vision_features``), samples carry the pictures' features for their pixels
+    (``FeatureChats``)."""
 
     def __init__(
         self,
@@ -667,6 +672,7 @@ class VqaDataset(Dataset):
         processor: ProcessorMixin,
         *,
         slot_positions: bool = False,
+        vision_features: VisionFeatureCache | None = None,
     ) -> None:
         self.chats: list[list[VqaExample]] = []
         for index, example in enumerate(examples):
@@ -687,6 +693,11 @@ class VqaDataset(Dataset):
         self.pictures = pictures
         self.processor = processor
         self.slot_positions = slot_positions
+        self._feature_chats = (
+            None
+            if vision_features is None
+            else FeatureChats(processor, vision_features, slot_positions=slot_positions)
+        )
 
     def __len__(self) -> int:
         return len(self.chats)
@@ -697,13 +708,17 @@ class VqaDataset(Dataset):
             liked=[self.pictures[i] for i in example.liked],
             disliked=[self.pictures[i] for i in example.disliked],
         )
+        query = self.pictures[example.query]
+        asked = [(query_prompt(), [self.pictures[e.query]], e.answer) for e in follow_ups]
+        if self._feature_chats is not None:
+            return self._feature_chats.encode(context, query, example.answer, follow_ups=asked)
         return encode_vqa(
             self.processor,
             context,
-            self.pictures[example.query],
+            query,
             example.answer,
             slot_positions=self.slot_positions,
-            follow_ups=[(query_prompt(), [self.pictures[e.query]], e.answer) for e in follow_ups],
+            follow_ups=asked,
         )
 
     def collate(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -814,19 +829,133 @@ def select_vision_features(
     vision tower's hidden states at the config's feature layer (the CLS token dropped by the
     "default" strategy), float32 on the CPU. Computed once for a pool of renders, they stand
     in for its pixels (``PooledLlavaModel.forward``'s ``vision_features``)."""
+    return torch.cat(
+        [
+            _tower_features(model, images[start : start + batch_size])
+            for start in progress(range(0, len(images), batch_size), desc="vision features")
+        ]
+    )
+
+
+@torch.no_grad()
+def _tower_features(model: PreTrainedModel, images: np.ndarray) -> torch.Tensor:
+    """``select_vision_features`` of one batch of images."""
     tower = vision_encoder(model)
     config = model.config
     parameter = next(tower.parameters())
-    features = []
-    for start in progress(range(0, len(images), batch_size), desc="vision features"):
-        batch = images[start : start + batch_size]
-        # The tiny processor's normalisation: CLIP's mean and std, no resizing.
-        pixels = to_pixel_values(batch, batch.shape[1]).to(parameter.device, parameter.dtype)
-        hidden = tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
-        if config.vision_feature_select_strategy == "default":
-            hidden = hidden[:, 1:]
-        features.append(hidden.float().cpu())
-    return torch.cat(features)
+    # The tiny processor's normalisation: CLIP's mean and std, no resizing.
+    pixels = to_pixel_values(images, images.shape[1]).to(parameter.device, parameter.dtype)
+    hidden = tower(pixels, output_hidden_states=True).hidden_states[config.vision_feature_layer]
+    if config.vision_feature_select_strategy == "default":
+        hidden = hidden[:, 1:]
+    return hidden.float().cpu()
+
+
+def reads_vision_features(model: nn.Module) -> bool:
+    """Whether ``model`` takes ``vision_features`` in place of pixels (the tiny LLaVA, not
+    wrapped by peft)."""
+    return isinstance(getattr(model, "model", None), PooledLlavaModel)
+
+
+class VisionFeatureCache:
+    """``select_vision_features`` of each distinct picture, computed once and kept, keyed by
+    a digest of its pixels. LLaVA's recipe keeps the vision tower frozen, so a picture's
+    features stay valid as long as the tower is not trained."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self._features: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(len(images), patches, width): the features of ``images``, in order; the tower
+        runs once, as one batch, on the pictures not seen before."""
+        keys = [_picture_key(image) for image in images]
+        new = {key: image for key, image in zip(keys, images, strict=True)}
+        new = {key: image for key, image in new.items() if key not in self._features}
+        if new:
+            computed = _tower_features(self.model, np.stack(list(new.values())))
+            self._features.update(zip(new, computed, strict=True))
+        return torch.stack([self._features[key] for key in keys])
+
+
+def _picture_key(image: np.ndarray) -> tuple:
+    return image.shape, image.dtype.str, hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+
+
+class BlankLayouts:
+    """Each chat layout's tokens, encoded once on blank pictures. A sample's tokens depend on
+    its layout (how many images, the question, the answers), never on what its pictures
+    show, so one encoding serves every sample of a layout; its ``pixel_values`` are dropped
+    (``vision_features`` take their place)."""
+
+    def __init__(self, max_layouts: int = 4096) -> None:
+        self.max_layouts = max_layouts  # answers with reasons make many layouts; kept bounded
+        self._layouts: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def __call__(
+        self, key: tuple, blank: np.ndarray, encode: Callable[[np.ndarray], dict]
+    ) -> dict[str, torch.Tensor]:
+        """``encode(blank)``'s tokens, once per (``key``, the blank picture's shape)."""
+        key = (*key, blank.shape)
+        if key not in self._layouts:
+            if len(self._layouts) >= self.max_layouts:
+                self._layouts.clear()
+            encoded = encode(blank)
+            encoded.pop("pixel_values")
+            self._layouts[key] = encoded
+        return self._layouts[key]
+
+
+class FeatureChats:
+    """``encode_vqa`` for a model that reads ``vision_features`` (``reads_vision_features``):
+    each layout's tokens from ``BlankLayouts`` and each picture's features from a
+    ``VisionFeatureCache``, in place of the processor's pixels and the frozen tower. The
+    model then sees the same inputs as through ``encode_vqa``, for far less work when
+    pictures recur (a user's context in every question about it)."""
+
+    def __init__(
+        self,
+        processor: ProcessorMixin,
+        features: VisionFeatureCache,
+        *,
+        slot_positions: bool,
+    ) -> None:
+        self.processor = processor
+        self.features = features
+        self.slot_positions = slot_positions
+        self.layouts = BlankLayouts()
+
+    def encode(
+        self,
+        context: PreferenceContext,
+        query: np.ndarray | None,
+        answer: str | None = None,
+        *,
+        question: str = QUESTION,
+        follow_ups: Sequence[tuple[str, Sequence[np.ndarray], str]] = (),
+    ) -> dict[str, torch.Tensor]:
+        """What ``encode_vqa`` gives, with ``vision_features`` for ``pixel_values``."""
+        images = [*context.liked, *context.disliked, *([] if query is None else [query])]
+        images += [image for _, follow_up_images, _ in follow_ups for image in follow_up_images]
+        n_liked, n_disliked = len(context.liked), len(context.disliked)
+        asked = tuple((prompt, len(shown), said) for prompt, shown, said in follow_ups)
+        layout = self.layouts(
+            (n_liked, n_disliked, query is None, answer, question, asked),
+            np.zeros_like(images[0]),
+            lambda blank: encode_vqa(
+                self.processor,
+                PreferenceContext([blank] * n_liked, [blank] * n_disliked),
+                None if query is None else blank,
+                answer,
+                slot_positions=self.slot_positions,
+                question=question,
+                follow_ups=[(prompt, [blank] * n, said) for prompt, n, said in asked],
+            ),
+        )
+        return {**layout, "vision_features": self.features(images)}
 
 
 def vision_encoder(model: PreTrainedModel) -> nn.Module:
@@ -895,7 +1024,10 @@ class _FirstTokenAmong(LogitsProcessor):
 class MllmPreferenceModel:
     """Batched inference on a (possibly LoRA-wrapped) MLLM and its processor.
 
-    The model is put in eval mode. ``slot_positions`` must match how it was trained.
+    The model is put in eval mode. ``slot_positions`` must match how it was trained. With
+    ``cache_vision_features``, a model that reads vision features (the tiny LLaVA) gets each
+    distinct picture's features once per instance: its vision tower must not be trained
+    while the instance is in use.
     """
 
     def __init__(
@@ -906,6 +1038,7 @@ class MllmPreferenceModel:
         slot_positions: bool = False,
         batch_size: int = 16,
         max_new_tokens: int = 32,
+        cache_vision_features: bool = True,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -913,6 +1046,14 @@ class MllmPreferenceModel:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.yes_id, self.no_id = answer_token_ids(processor.tokenizer)
+        # A model that reads vision features gets each picture's once (``FeatureChats``):
+        # most of the work of reading a context is otherwise the frozen tower and the
+        # processor on pictures it has seen.
+        self._feature_chats = (
+            FeatureChats(processor, VisionFeatureCache(model), slot_positions=slot_positions)
+            if cache_vision_features and reads_vision_features(model)
+            else None
+        )
 
     @torch.inference_mode()
     def hidden_states(
@@ -964,7 +1105,7 @@ class MllmPreferenceModel:
         for batch in self._batches(contexts, queries, question):
             prompt_length = batch["input_ids"].shape[1]
             first_tokens = (self.yes_id, self.no_id) if question == QUESTION else None
-            if "position_ids" in batch:
+            if "position_ids" in batch or "vision_features" in batch:
                 generated = self._greedy_with_positions(batch, first_tokens)
             else:
                 generated = self.model.generate(
@@ -986,8 +1127,13 @@ class MllmPreferenceModel:
         """Greedy decoding of a batch with its own position ids (slot positions), each new
         token one position after the last: ``generate`` builds its masks from position ids,
         and ids that restart (every image slot does) read there as packed sequences, which
-        changed even the first answer token. (N, new tokens); pad after an eos."""
+        changed even the first answer token. (N, new tokens); pad after an eos. Without
+        position ids (a batch with vision features, which ``generate`` would pass again at
+        every step), the prompt is numbered as ``generate`` numbers a left-padded one."""
         tokenizer = self.processor.tokenizer
+        if "position_ids" not in batch:
+            numbered = batch["attention_mask"].long().cumsum(-1) - 1
+            batch = {**batch, "position_ids": numbered.clamp_min(0)}
         output = self.model(**batch, use_cache=True)
         mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
         done = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
@@ -1025,16 +1171,37 @@ class MllmPreferenceModel:
             raise ValueError(f"{len(contexts)} contexts but {len(queries)} queries")
         parameter = next(self.model.parameters())
         for start in range(0, len(contexts), self.batch_size):
-            items = [
-                encode_vqa(
-                    self.processor,
-                    context,
-                    None if queries is None else queries[start + offset],
-                    slot_positions=self.slot_positions,
-                    question=question,
+            batch_contexts = contexts[start : start + self.batch_size]
+            batch_queries = (
+                [None] * len(batch_contexts)
+                if queries is None
+                else queries[start : start + self.batch_size]
+            )
+            if self._feature_chats is None:
+                items = [
+                    encode_vqa(
+                        self.processor,
+                        context,
+                        query,
+                        slot_positions=self.slot_positions,
+                        question=question,
+                    )
+                    for context, query in zip(batch_contexts, batch_queries, strict=True)
+                ]
+            else:
+                # The batch's new pictures through the tower together, then each sample.
+                self._feature_chats.features(
+                    [
+                        image
+                        for context, query in zip(batch_contexts, batch_queries, strict=True)
+                        for image in (*context.liked, *context.disliked, query)
+                        if image is not None
+                    ]
                 )
-                for offset, context in enumerate(contexts[start : start + self.batch_size])
-            ]
+                items = [
+                    self._feature_chats.encode(context, query, question=question)
+                    for context, query in zip(batch_contexts, batch_queries, strict=True)
+                ]
             batch = collate_vqa(
                 items, pad_token_id=self.processor.tokenizer.pad_token_id, padding_side="left"
             )

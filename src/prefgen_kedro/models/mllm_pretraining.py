@@ -46,6 +46,7 @@ from prefgen_kedro.data.tables import DISLIKED, LIKED
 from prefgen_kedro.models.mllm import (
     IGNORE_INDEX,
     AnswerLoss,
+    BlankLayouts,
     MllmPreferenceModel,
     PreferenceContext,
     answer_loss_settings,
@@ -161,11 +162,9 @@ class _Task(Dataset):
     ``collate`` pads them. Without features it only draws (e.g. questions to evaluate on).
 
     A sample's tokens depend on its layout (how many images, the question, the answers)
-    and never on the pictures, so each layout is encoded once, on blank pictures, and a
-    sample is its layout with its images' features (``_sample``).
+    and never on the pictures, so each layout is encoded once, on blank pictures
+    (``BlankLayouts``), and a sample is its layout with its images' features (``_sample``).
     """
-
-    _MAX_LAYOUTS = 4096  # answers with reasons make many layouts; kept bounded
 
     def __init__(
         self,
@@ -185,7 +184,7 @@ class _Task(Dataset):
         self.seed = seed
         self.slot_positions = slot_positions
         self._blank = np.zeros_like(pool.images[0])
-        self._layouts: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._layouts = BlankLayouts()
 
     def __len__(self) -> int:
         return self.n_samples
@@ -197,13 +196,7 @@ class _Task(Dataset):
 
     def _layout(self, key: tuple, encode: Callable[[np.ndarray], dict]) -> dict:
         """``encode(blank picture)``'s tokens, once per ``key``."""
-        if key not in self._layouts:
-            if len(self._layouts) >= self._MAX_LAYOUTS:
-                self._layouts.clear()
-            encoded = encode(self._blank)
-            encoded.pop("pixel_values")
-            self._layouts[key] = encoded
-        return self._layouts[key]
+        return self._layouts(key, self._blank, encode)
 
     def _sample(self, layout: dict, rows: Sequence[int], **extra: torch.Tensor) -> dict:
         """``layout`` with the features of pool ``rows`` (in the layout's image order)."""

@@ -69,6 +69,8 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 # (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
 # only, never a method.
 TRUE_SEM = "true_sem"
+# Pictures the conditioning CLIP encodes at once for the users' conditions.
+CONDITION_BATCH = 256
 PARTS = (
     "e_sem_hat",
     "e_sem_hat_no_mmd",
@@ -103,10 +105,13 @@ def user_conditions(
         raise ValueError(f"diffusion.variants name {TRUE_SEM!r}, which only simulated users have")
     encode_images, _ = conditioning_clip_encoders(conditioning_clip.float().eval(), clip_tokenizer)
     merged = probe_contexts.merge(context_embeddings, on=["user_id", "split", "context"])
-    pictures = PictureFiles(raw_images)  # a context's pictures at a time
-    liked_embeddings = [
-        encode_images(np.stack([pictures[i] for i in ids])) for ids in merged["liked"]
-    ]
+    pictures = PictureFiles(raw_images)  # a batch's pictures at a time
+    # Each liked picture once: a user's contexts share most of theirs.
+    shown = list(dict.fromkeys(i for ids in merged["liked"] for i in ids))
+    batches = [shown[i : i + CONDITION_BATCH] for i in range(0, len(shown), CONDITION_BATCH)]
+    embeddings = [encode_images(np.stack([pictures[i] for i in batch])) for batch in batches]
+    embedding_of = dict(zip(shown, torch.cat(embeddings), strict=True))
+    liked_embeddings = [torch.stack([embedding_of[i] for i in ids]) for ids in merged["liked"]]
     conditions = merged.assign(
         e_img=[choose_image_embedding(e, params.e_img).numpy() for e in liked_embeddings],
         mean_clip=[

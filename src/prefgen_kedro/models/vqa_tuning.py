@@ -21,10 +21,12 @@ from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PreferenceContext,
+    VisionFeatureCache,
     VqaDataset,
     add_lora,
     answer_loss,
     frozen_parameters,
+    reads_vision_features,
 )
 from prefgen_kedro.models.vqa import (
     VqaExample,
@@ -58,6 +60,8 @@ def tune_through_stages(
     # The vision side stays as pretrained (LLaVA's recipe; LoRA targets come from params).
     frozen = {id(p) for p in frozen_parameters(mllm)}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+    # The tower stays frozen through every stage: each picture's features are computed once.
+    vision_features = VisionFeatureCache(model) if reads_vision_features(model) else None
 
     # The first stage starts from ``mllm``, each later one from the stage before it: the keys
     # chain, so a new pretrained MLLM (one changed weight) trains every stage afresh.
@@ -75,7 +79,13 @@ def tune_through_stages(
     for index, stage in enumerate(params.stages):
         rows = vqa_examples[(vqa_examples["split"] == "train") & (vqa_examples["stage"] == index)]
         examples = examples_from_table(rows)
-        dataset = VqaDataset(examples, pictures, processor, slot_positions=params.slot_positions)
+        dataset = VqaDataset(
+            examples,
+            pictures,
+            processor,
+            slot_positions=params.slot_positions,
+            vision_features=vision_features,
+        )
         key = run_key(
             {"stage": stage.model_dump(exclude={"train"}), "train": shaping_settings(stage.train)},
             previous=key,
