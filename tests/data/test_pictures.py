@@ -1,5 +1,5 @@
-"""``PictureFiles`` reads each picture when it is indexed, as ``load_pictures`` reads them all;
-``only`` and the lazy context sequences read through it."""
+"""``PictureFiles`` reads each picture when it is indexed (keeping the last within a budget),
+as ``load_pictures`` reads them all; ``only`` and the lazy context sequences read through it."""
 
 from __future__ import annotations
 
@@ -35,25 +35,36 @@ class CountingLoaders(dict):
         return load
 
 
-def test_picture_files_read_a_picture_when_indexed_and_keep_none():
+def test_picture_files_read_a_picture_when_indexed_and_keep_the_last_within_a_budget():
     loaders = CountingLoaders(6)
-    pictures = PictureFiles(loaders)
+    pictures = PictureFiles(loaders, cache_bytes=2 * 4 * 5 * 3)  # room for two pictures
     assert loaders.loads == 0 and len(pictures) == 6 and "i3" in pictures and "x" not in pictures
     held = load_pictures(loaders)
     loaders.loads = 0
     picture = pictures["i2"]
     assert picture.shape == (4, 5, 3) and picture.dtype == np.uint8 and picture.flags.writeable
     assert np.array_equal(picture, held["i2"]) and loaders.loads == 1
+    picture[:] = 0  # each read is a copy of its own
+    assert np.array_equal(pictures["i2"], held["i2"]) and loaders.loads == 1
+    pictures["i3"], pictures["i2"], pictures["i4"]  # i3, least recently used, makes room
+    assert loaders.loads == 3
     pictures["i2"]
-    assert loaders.loads == 2
+    assert loaders.loads == 3
+    pictures["i3"]
+    assert loaders.loads == 4
     with pytest.raises(KeyError):
         pictures["x"]
     assert digest_of(pictures) == digest_of(held)
 
+    keeping_none = PictureFiles(loaders, cache_bytes=0)
+    loaders.loads = 0
+    keeping_none["i2"], keeping_none["i2"]
+    assert loaders.loads == 2
+
 
 def test_only_and_the_lazy_sequences_read_through_the_pictures():
     loaders = CountingLoaders(6)
-    pictures, held = PictureFiles(loaders), load_pictures(loaders)
+    pictures, held = PictureFiles(loaders, cache_bytes=0), load_pictures(loaders)
     loaders.loads = 0
     some = only(pictures, ["i4", "i1", "i4"])
     assert list(some) == ["i4", "i1"] and "i2" not in some and loaders.loads == 0

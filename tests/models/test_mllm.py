@@ -21,7 +21,6 @@ from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PooledLlavaForConditionalGeneration,
     PreferenceContext,
-    VisionFeatureCache,
     VqaDataset,
     _FirstTokenAmong,
     add_lora,
@@ -565,13 +564,7 @@ def test_vqa_samples_with_cached_features_score_as_with_pixels(world, processor)
     chats = sample_examples(world, samples_per_user=3, questions_per_context=2)
     assert any(example.turn > 0 for example in chats)  # follow-up questions in a chat
     plain = VqaDataset(chats, world.pictures, processor, slot_positions=True)
-    cached = VqaDataset(
-        chats,
-        world.pictures,
-        processor,
-        slot_positions=True,
-        vision_features=VisionFeatureCache(model),
-    )
+    cached = VqaDataset(chats, world.pictures, processor, slot_positions=True, features_from=model)
     with_pixels = plain.collate([plain[i] for i in range(len(plain))])
     with_features = cached.collate([cached[i] for i in range(len(cached))])
     assert with_features.keys() == with_pixels.keys() - {"pixel_values"} | {"vision_features"}
@@ -581,6 +574,11 @@ def test_vqa_samples_with_cached_features_score_as_with_pixels(world, processor)
         loss_pixels, _ = vqa_loss(model, with_pixels)
         loss_features, _ = vqa_loss(model, with_features)
     torch.testing.assert_close(loss_features, loss_pixels, rtol=1e-5, atol=1e-6)
+    # a picture's features do not depend on which sample asked for it first (a resumed run)
+    again = VqaDataset(chats, world.pictures, processor, slot_positions=True, features_from=model)
+    last_first = [again[i] for i in reversed(range(len(again)))][::-1]
+    for item, other in zip([cached[i] for i in range(len(cached))], last_first, strict=True):
+        assert torch.equal(item["vision_features"], other["vision_features"])
 
 
 def test_lora_on_a_saved_model_trains_only_the_adapters(world, examples, saved, tmp_path):

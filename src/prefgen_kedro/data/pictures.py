@@ -1,7 +1,8 @@
 """The ``raw_images`` partitions as arrays, for the nodes that show pictures to a model.
 
-``PictureFiles`` reads a picture when it is indexed and keeps none, so what a node holds is
-what it is using (a batch), not the image table; ``only`` narrows it to some ids, and
+``PictureFiles`` reads a picture when it is indexed and keeps at most a bounded number of
+bytes of them, so what a node holds is what it is using (a batch, and the pictures it used
+last), not the image table; ``only`` narrows it to some ids, and
 ``picture_contexts``/``picture_list`` are sequences of contexts and pictures read an item (a
 batch, when sliced) at a time. ``load_pictures``/``context_pictures`` read a few pictures
 once, for the nodes that show the same small set many times (validation, evaluation).
@@ -9,6 +10,7 @@ once, for the nodes that show the same small set many times (validation, evaluat
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Any, TypeVar, overload
@@ -29,13 +31,34 @@ class PictureFiles(Mapping[str, np.ndarray]):
     """The ``raw_images`` partitions (image id → loader) as a mapping whose item is the
     picture, loaded when indexed: RGB uint8 (H, W, 3), writable (an image processor turns
     it into a tensor, which warns on PIL's read-only views), the array ``load_pictures``
-    gives. Nothing is cached: a picture indexed twice is read twice."""
+    gives, a copy of its own each time. The last pictures read are kept, up to
+    ``cache_bytes`` (least recently used out first): a user's pictures recur in every
+    context and question about it, and reading the agent world's contexts was mostly
+    decoding the same files again."""
 
-    def __init__(self, raw_images: Mapping[str, Callable]) -> None:
+    def __init__(self, raw_images: Mapping[str, Callable], cache_bytes: int = 128 * 2**20) -> None:
         self.loaders = raw_images
+        self.cache_bytes = cache_bytes
+        self._kept: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._kept_bytes = 0
 
     def __getitem__(self, image_id: str) -> np.ndarray:
-        return _rgb(self.loaders[image_id])
+        picture = self._kept.get(image_id)
+        if picture is None:
+            picture = _rgb(self.loaders[image_id])
+            self._keep(image_id, picture)
+        else:
+            self._kept.move_to_end(image_id)
+        return picture.copy()
+
+    def _keep(self, image_id: str, picture: np.ndarray) -> None:
+        if picture.nbytes > self.cache_bytes:
+            return
+        self._kept[image_id] = picture
+        self._kept_bytes += picture.nbytes
+        while self._kept_bytes > self.cache_bytes:
+            _, dropped = self._kept.popitem(last=False)
+            self._kept_bytes -= dropped.nbytes
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.loaders

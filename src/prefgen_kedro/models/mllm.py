@@ -661,9 +661,14 @@ def _marker_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 class VqaDataset(Dataset):
     """``VqaExample``s as training samples, one chat per context: an example with ``turn`` 0
     and the follow-ups after it, each answered before the next is asked. ``collate`` is the
-    trainer's ``collate_fn``. With ``vision_features`` (a cache of the trained model's frozen
-    tower, ``reads_vision_features``), samples carry the pictures' features for their pixels
-    (``FeatureChats``)."""
+    trainer's ``collate_fn``. With ``features_from`` (the trained model, when it
+    ``reads_vision_features``), samples carry the pictures' features from its frozen tower
+    for their pixels (``FeatureChats``): before the first sample, every picture the chats
+    show goes through the tower in one fixed order, so a picture's features never depend on
+    which sample asked for it first (a resumed run would otherwise compute some in other
+    batches, a rounding apart, and train other weights)."""
+
+    _FEATURE_BATCH = 500
 
     def __init__(
         self,
@@ -672,7 +677,7 @@ class VqaDataset(Dataset):
         processor: ProcessorMixin,
         *,
         slot_positions: bool = False,
-        vision_features: VisionFeatureCache | None = None,
+        features_from: PreTrainedModel | None = None,
     ) -> None:
         self.chats: list[list[VqaExample]] = []
         for index, example in enumerate(examples):
@@ -695,12 +700,26 @@ class VqaDataset(Dataset):
         self.slot_positions = slot_positions
         self._feature_chats = (
             None
-            if vision_features is None
-            else FeatureChats(processor, vision_features, slot_positions=slot_positions)
+            if features_from is None
+            else FeatureChats(
+                processor, VisionFeatureCache(features_from), slot_positions=slot_positions
+            )
         )
 
     def __len__(self) -> int:
         return len(self.chats)
+
+    def _compute_vision_features(self, chats: FeatureChats) -> None:
+        shown = sorted(
+            {
+                image_id
+                for chat in self.chats
+                for example in chat
+                for image_id in (*example.liked, *example.disliked, example.query)
+            }
+        )
+        for start in range(0, len(shown), self._FEATURE_BATCH):
+            chats.features([self.pictures[i] for i in shown[start : start + self._FEATURE_BATCH]])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         example, *follow_ups = self.chats[index]
@@ -711,6 +730,8 @@ class VqaDataset(Dataset):
         query = self.pictures[example.query]
         asked = [(query_prompt(), [self.pictures[e.query]], e.answer) for e in follow_ups]
         if self._feature_chats is not None:
+            if not len(self._feature_chats.features):
+                self._compute_vision_features(self._feature_chats)
             return self._feature_chats.encode(context, query, example.answer, follow_ups=asked)
         return encode_vqa(
             self.processor,

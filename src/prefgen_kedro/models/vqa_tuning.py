@@ -21,7 +21,6 @@ from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.mllm import (
     MllmPreferenceModel,
     PreferenceContext,
-    VisionFeatureCache,
     VqaDataset,
     add_lora,
     answer_loss,
@@ -60,8 +59,8 @@ def tune_through_stages(
     # The vision side stays as pretrained (LLaVA's recipe; LoRA targets come from params).
     frozen = {id(p) for p in frozen_parameters(mllm)}
     trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
-    # The tower stays frozen through every stage: each picture's features are computed once.
-    vision_features = VisionFeatureCache(model) if reads_vision_features(model) else None
+    # The tower stays frozen through every stage: a stage computes each picture's features once.
+    features_from = model if reads_vision_features(model) else None
 
     # The first stage starts from ``mllm``, each later one from the stage before it: the keys
     # chain, so a new pretrained MLLM (one changed weight) trains every stage afresh.
@@ -84,7 +83,7 @@ def tune_through_stages(
             pictures,
             processor,
             slot_positions=params.slot_positions,
-            vision_features=vision_features,
+            features_from=features_from,
         )
         key = run_key(
             {"stage": stage.model_dump(exclude={"train"}), "train": shaping_settings(stage.train)},
