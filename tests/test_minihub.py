@@ -65,6 +65,7 @@ SIZES = [
     "vqa_tuning.stages.*.train.gradient_accumulation_steps",
     "vqa_tuning.stages.*.train.warmup_steps",
     "vqa_tuning.stages.*.train.log_every",
+    "diffusion.train.max_steps",
     "diffusion.sampling.num_inference_steps",
 ]
 
