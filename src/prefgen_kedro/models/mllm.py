@@ -709,7 +709,7 @@ class VqaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.chats)
 
-    def _compute_vision_features(self, chats: FeatureChats) -> None:
+    def _compute_vision_features(self, features: VisionFeatureCache) -> None:
         shown = sorted(
             {
                 image_id
@@ -719,7 +719,7 @@ class VqaDataset(Dataset):
             }
         )
         for start in range(0, len(shown), self._FEATURE_BATCH):
-            chats.features([self.pictures[i] for i in shown[start : start + self._FEATURE_BATCH]])
+            features([self.pictures[i] for i in shown[start : start + self._FEATURE_BATCH]])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         example, *follow_ups = self.chats[index]
@@ -731,7 +731,7 @@ class VqaDataset(Dataset):
         asked = [(query_prompt(), [self.pictures[e.query]], e.answer) for e in follow_ups]
         if self._feature_chats is not None:
             if not len(self._feature_chats.features):
-                self._compute_vision_features(self._feature_chats)
+                self._compute_vision_features(self._feature_chats.features)
             return self._feature_chats.encode(context, query, example.answer, follow_ups=asked)
         return encode_vqa(
             self.processor,
