@@ -182,7 +182,8 @@ def smoke_evaluated(smoke_diffused: Path, smoke_project: Path) -> Path:
 
 # What conf/gpu turns off for Pick-a-Pic users: the branch fed their (unknown) true taste.
 REAL_USER_PARAMS = {
-    "diffusion": {"variants": {"oracle_taste": None, "oracle_state": None}},
+    # as gpu's: a real user's phrases are whole captions, read by the branch, not said
+    "diffusion": {"variants": {"oracle_taste": None, "oracle_state": None}, "said_parts": []},
     "evaluation": {
         "methods": [
             "base",

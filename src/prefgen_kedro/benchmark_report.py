@@ -101,11 +101,11 @@ def benchmark_report(
         "with this few images FID "
         "carries a large small-sample bias, so compare methods with each other, not with "
         f"published FIDs. `real` is {real_row}, not a method."
+        + delivery(diffusion, ours)
         + (
-            " `oracle_taste` is the user branch fed a perfect ê_sem (the text-space states of "
-            "the simulated user's liked-attribute phrases) and `oracle_state` a perfect summary "
-            "of the context through PrefGen's aligner: what the branch makes of perfect "
-            "information, not methods either."
+            " `oracle_taste` is fed a perfect ê_sem (the simulated user's liked-attribute "
+            "phrases) and `oracle_state` a perfect summary of the context through PrefGen's "
+            "aligner: what PrefGen's delivery makes of perfect information, not methods either."
             if "oracle_taste" in present
             else ""
         )
@@ -123,10 +123,10 @@ def benchmark_report(
             "Where a user's taste is lost, from the user's own liked images down to PrefGen. "
             "Taste AUC: how well a linear probe reads the user's liked attributes from what the "
             'row is conditioned on (see "Where the signal comes from"; for `real`, the '
-            "context itself by the counting rule). `oracle_taste` is the branch fed a perfect "
-            "ê_sem; `oracle_state` is a perfect summary of the context (its attribute counts, "
-            "liked minus disliked) through PrefGen's MMD aligner and branch recipe. Reference "
-            "rows are never ranked."
+            "context itself by the counting rule). `oracle_taste` is fed a perfect ê_sem; "
+            "`oracle_state` is a perfect summary of the context (its attribute counts, liked "
+            "minus disliked) through PrefGen's MMD aligner, delivered as PrefGen's ê_sem is. "
+            "Reference rows are never ranked."
         )
         report.table(
             *metric_table(
@@ -227,6 +227,22 @@ def benchmark_report(
         models = input_lineage["models"]
         report.table(pd.DataFrame({"digest": list(models.values())}, index=list(models)))
     return report
+
+
+def delivery(diffusion: DiffusionParams, method: str) -> str:
+    """A sentence on how ``method``'s condition reaches the UNet: the parts its prompt says
+    and those its user branch reads (empty for a method that is no user variant)."""
+    if method not in diffusion.active_variants:
+        return ""
+    said, branch = diffusion.said(method), diffusion.branch_parts(method)
+    ways = [f"its prompt says the attributes that {_names(said)} name"] if said else []
+    if branch:
+        ways.append(f"its user branch reads {_names(branch)}")
+    return f" How `{method}`'s condition reaches the UNet: {'; '.join(ways)}."
+
+
+def _names(parts: list[str]) -> str:
+    return ", ".join(f"`{part}`" for part in parts)
 
 
 def verdict(metrics: pd.DataFrame, ours: str, targets: TargetParams) -> str:

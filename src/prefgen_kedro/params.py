@@ -37,7 +37,10 @@ class ValidationParams(StrictParams):
 
 
 class ViperStyleParams(StrictParams):
-    beta: float = Field(ge=0.0)  # prompt + beta · (liked text − disliked text)
+    # "arithmetic": prompt + beta · (liked text − disliked text), ViPer's own; "prompt": the
+    # liked words said after the prompt, the disliked ones as its negative prompt.
+    delivery: Literal["arithmetic", "prompt"]
+    beta: float = Field(ge=0.0)  # arithmetic only
     mllm_slot_positions: bool  # as vqa_tuning.slot_positions
     batch_size: int = Field(ge=1)
 
@@ -57,7 +60,10 @@ class DiffusionParams(StrictParams):
     # null turns a variant off: an environment cannot delete base's keys (soft merging).
     variants: dict[str, list[str] | None]
     tokens_per_part: int = Field(ge=1)
-    text_space_parts: list[str]  # fed as tokens unchanged (see UserAdapter)
+    text_space_parts: list[str]  # fed to a branch as tokens unchanged (see UserAdapter)
+    # Parts said in the prompt: the attributes their phrases name join the caption the text
+    # encoder reads (agent world); a variant's other parts go to its branch.
+    said_parts: list[str]
     # The UNet blocks whose cross-attentions get the branch (UserAdapter.for_unet).
     branch_blocks: list[str] = Field(min_length=1)
     e_img: str
@@ -77,6 +83,14 @@ class DiffusionParams(StrictParams):
     def active_variants(self) -> dict[str, list[str]]:
         """The variants to train: name → the parts of the condition it reads."""
         return {name: parts for name, parts in self.variants.items() if parts is not None}
+
+    def said(self, variant: str) -> list[str]:
+        """The parts of ``variant`` said in its prompt."""
+        return [part for part in self.active_variants[variant] if part in self.said_parts]
+
+    def branch_parts(self, variant: str) -> list[str]:
+        """The parts of ``variant`` its user branch reads (none: it has no branch)."""
+        return [part for part in self.active_variants[variant] if part not in self.said_parts]
 
 
 class BootstrapParams(StrictParams):

@@ -1,11 +1,13 @@
 """Prompts every method shares (subject-only for simulated users, held-out captions for
-real ones), and the oracle's verdicts on hand-made renders."""
+real ones), the prompts that say a variant's parts or ``viper_style``'s reading, and the
+oracle's verdicts on hand-made renders."""
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.user_generation import (
@@ -13,7 +15,11 @@ from prefgen_kedro.models.user_generation import (
     draw_subject_prompts,
     image_prompts,
     oracle_preference,
+    said_column,
+    said_prompts,
+    viper_style_embeds,
 )
+from prefgen_kedro.params import ViperStyleParams
 from prefgen_kedro.world.render import render
 from prefgen_kedro.world.users import SimulatedUser
 from prefgen_kedro.world.vocabulary import HEADS
@@ -99,6 +105,55 @@ def test_a_render_is_asked_for_by_its_subject_a_real_image_by_its_caption():
     )
     prompts = image_prompts(images)
     assert prompts.to_dict() == {"r": "a star", "p": "a fox in the snow, oil painting"}
+
+
+def test_a_variant_says_its_parts_attributes_in_the_caption_of_the_subject():
+    cases = pd.DataFrame(
+        {
+            "subject": ["star", "arrow"],
+            said_column("e_sem_hat"): [
+                ["pattern:striped", "background:olive"],
+                ["tone:pastel", "pattern:dotted", "pattern:striped"],
+            ],
+            said_column("true_sem"): [["subject_colour:pink"], ["composition:top"]],
+        }
+    )
+    assert said_prompts(cases, ["e_sem_hat"]) == [
+        "a striped star on a olive background",
+        "a dotted arrow, pastel",  # one value a category: the first named
+    ]
+    assert said_prompts(cases, ["true_sem", "e_sem_hat"]) == [
+        "a striped pink star on a olive background",
+        "a dotted arrow, top, pastel",
+    ]
+    with pytest.raises(KeyError, match="oracle_state_hat_attributes"):
+        said_prompts(cases, ["oracle_state_hat"])
+
+
+@pytest.mark.parametrize("delivery", ["arithmetic", "prompt"])
+def test_viper_style_delivers_the_words_the_mllm_read(delivery):
+    """``arithmetic`` moves the prompt's states by the words' states against the empty
+    prompt; ``prompt`` says the liked words after the prompt and negates the disliked."""
+    texts = {"": 0.0, "a star": 1.0, "striped, pink": 10.0, "night": 100.0}
+    texts["a star, striped, pink"] = 1000.0
+
+    def encode(prompts):
+        return torch.tensor([texts[p] for p in prompts]).view(-1, 1, 1)
+
+    cases = pd.DataFrame({"user_id": ["u"], "prompt": ["a star"]})
+    viper = ViperStyleParams(delivery=delivery, beta=0.5, mllm_slot_positions=True, batch_size=1)
+    positive, negative = viper_style_embeds(
+        {"u": (["striped", "pink"], ["night"])},
+        cases,
+        encode(cases["prompt"]),
+        encode([""]),
+        encode,
+        viper,
+    )
+    if delivery == "arithmetic":
+        assert positive.item() == 1.0 + 0.5 * (10.0 - 100.0) and negative.item() == 0.0
+    else:
+        assert positive.item() == 1000.0 and negative.item() == 100.0
 
 
 def test_oracle_like_rate_on_renders_made_to_be_liked_or_disliked():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +57,14 @@ from prefgen_kedro.models.user_generation import (
     image_prompts,
     oracle_preference,
     preference_scores,
+    said_column,
     sample_methods,
 )
 from prefgen_kedro.params import DiffusionParams
 from prefgen_kedro.provenance import run_key
 from prefgen_kedro.training import train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, said_caption
 
 # A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
 # (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
@@ -130,23 +131,46 @@ def user_conditions(
         raise ValueError(
             f"diffusion.variants read parts {sorted(missing)} that no trained aligner wrote"
         )
-    if agent_world:
-        conditions[TRUE_SEM] = liked_phrase_states(users, conditioning_clip, clip_tokenizer)[
-            conditions["user_id"]
-        ].to_list()
+    said = {part for name in params.active_variants for part in params.said(name)}
+    if said and not agent_world:
+        raise ValueError(
+            f"diffusion.said_parts {sorted(said)} are said as attribute words, which only "
+            "simulated users have (a real user's phrases are whole captions): set "
+            "diffusion.said_parts to []"
+        )
+    if not agent_world:
+        return conditions
+    with torch.inference_mode():
+        _, vocabulary = attribute_phrase_embeddings(conditioning_clip, clip_tokenizer)
+    conditions[TRUE_SEM] = liked_phrase_states(users, vocabulary)[conditions["user_id"]].to_list()
+    liked_of = users.set_index("user_id")["liked_attributes"].map(list)
+    for part in sorted(said):
+        conditions[said_column(part)] = (
+            liked_of[conditions["user_id"]].to_list()
+            if part == TRUE_SEM
+            else named_attributes(conditions[part], vocabulary, part)
+        )
     return conditions
 
 
-def liked_phrase_states(
-    users: pd.DataFrame, conditioning_clip: CLIPModel, clip_tokenizer: PreTrainedTokenizerBase
-) -> pd.Series:
+def named_attributes(states: pd.Series, vocabulary: torch.Tensor, part: str) -> list[list[str]]:
+    """Per row of ``states`` (a part's phrase states, concatenated), the attribute ids of
+    its phrases: the attribute vocabulary's rows they are."""
+    flat = torch.from_numpy(np.stack(states.to_list())).float()
+    tokens = flat.view(len(flat), -1, vocabulary.shape[1])
+    distances = torch.cdist(tokens, vocabulary.expand(len(flat), -1, -1))
+    nearest = distances.min(dim=-1)
+    if nearest.values.max() > 1e-3 * vocabulary.norm(dim=1).max():
+        raise ValueError(f"{part}'s tokens are not attribute phrases' states: it cannot be said")
+    return [[ATTRIBUTE_IDS[i] for i in row] for row in nearest.indices.tolist()]
+
+
+def liked_phrase_states(users: pd.DataFrame, vocabulary: torch.Tensor) -> pd.Series:
     """Per user, the text-space states of its liked-attribute phrases (the alignment
-    targets), concatenated."""
+    targets; ``vocabulary``: every attribute's, ``ATTRIBUTE_IDS`` order), concatenated."""
     counts = set(users["liked_attributes"].map(len))
     if len(counts) != 1:
         raise ValueError(f"true_sem needs every user to like as many attributes; got {counts}")
-    with torch.inference_mode():
-        _, vocabulary = attribute_phrase_embeddings(conditioning_clip, clip_tokenizer)
     column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
     states = [
         vocabulary[[column[a] for a in liked]].flatten().numpy()
@@ -161,6 +185,11 @@ CLEAN_BATCH = 32
 PROMPT_BATCH = 256
 
 
+def prompt_column(said: Sequence[str]) -> str:
+    """The training set's column of the prompt states that say the parts ``said``."""
+    return "+".join(["prompt_embeds", *said])
+
+
 def branch_training_set(
     user_conditions: pd.DataFrame,
     images: pd.DataFrame,
@@ -170,16 +199,18 @@ def branch_training_set(
     clip_tokenizer: PreTrainedTokenizerBase,
     vae: AutoencoderKL | None,
     folder: str | Path,
+    said_sets: Collection[Sequence[str]] = ((),),
 ) -> RowsDataset:
     """One sample per (training user's context, liked image of that user outside it), with
     the image's prompt (``image_prompts``: a render's subject-only prompt, a real image's
-    caption); the clean sample is the image's pixels, or its latents when the UNet has a
-    ``vae``.
+    caption) and, for each of ``said_sets``, the prompt that also says those parts of the
+    context's condition (``said_caption`` of the image's subject; ``prompt_column``); the
+    clean sample is the image's pixels, or its latents when the UNet has a ``vae``.
 
     Nothing grows with the samples in memory but their indices: the clean samples are
     written to a ``RowFile`` in a ``scratch_folder`` under ``folder`` (removed with the
     dataset, or by the next run if this one is killed) a batch of pictures at a time, the
-    distinct prompts' text states to another, and each sample reads its prompt's row and its
+    distinct prompts' text states to others, and each sample reads its prompts' rows and its
     context's condition parts (held once per context row)."""
     likes = held_out_likes(user_conditions[user_conditions["split"] == "train"], interactions)
     if likes.empty:
@@ -189,9 +220,8 @@ def branch_training_set(
     missing = sorted(set(targets) - set(raw_images))
     if missing:
         raise KeyError(f"raw_images has no picture of the training targets {missing[:5]}")
-    prompt_of = image_prompts(images)[targets]
-    prompts = sorted(set(prompt_of))
-    position = {prompt: k for k, prompt in enumerate(prompts)}
+    subjects = images.set_index("image_id")["subject"][targets].tolist()
+    plain = image_prompts(images)[targets].tolist()
     where = scratch_folder(folder, ".tmp-branch-samples-")
     text_model = conditioning_clip.text_model.float().eval()
     vae = None if vae is None else vae.eval()
@@ -204,20 +234,36 @@ def branch_training_set(
             else:
                 yield encode_latents(vae, batch, batch_size=CLEAN_BATCH)
 
-    def states() -> Iterator[torch.Tensor]:
-        for start in range(0, len(prompts), PROMPT_BATCH):
-            chunk = prompts[start : start + PROMPT_BATCH]
-            yield encode_prompts(text_model, clip_tokenizer, chunk, batch_size=PROMPT_BATCH)
+    def prompt_states(name: str, sample_prompts: Sequence[str]) -> Column:
+        prompts = sorted(set(sample_prompts))
+        position = {prompt: k for k, prompt in enumerate(prompts)}
+
+        def states() -> Iterator[torch.Tensor]:
+            for start in range(0, len(prompts), PROMPT_BATCH):
+                chunk = prompts[start : start + PROMPT_BATCH]
+                yield encode_prompts(text_model, clip_tokenizer, chunk, batch_size=PROMPT_BATCH)
+
+        return Column(
+            _written(where / f"{name}.bin", states()),
+            torch.tensor([position[prompt] for prompt in sample_prompts]),
+        )
 
     rows = pd.Index(pd.unique(likes["row"]))
     context_of = torch.from_numpy(rows.get_indexer(likes["row"])).long()
     held = user_conditions.loc[rows]
+    prompts = {}
+    for said in dict.fromkeys(map(tuple, said_sets)):
+        sample_prompts = plain
+        if said:
+            named = user_conditions.loc[likes["row"], [said_column(part) for part in said]]
+            sample_prompts = [
+                said_caption(subject, [a for attributes in row for a in attributes])
+                for subject, row in zip(subjects, named.itertuples(index=False), strict=True)
+            ]
+        prompts[prompt_column(said)] = prompt_states(prompt_column(said), sample_prompts)
     dataset = RowsDataset(
         pixel_values=Column(_written(where / "clean.bin", clean())),
-        prompt_embeds=Column(
-            _written(where / "prompt_states.bin", states()),
-            torch.tensor([position[prompt] for prompt in prompt_of]),
-        ),
+        **prompts,
         **{
             part: Column(torch.from_numpy(np.stack(held[part].to_list())).float(), context_of)
             for part in PARTS
@@ -243,33 +289,43 @@ def _written(path: Path, blocks: Iterator[torch.Tensor]) -> RowFile:
 def train_user_branch(
     name: str,
     parts: list[str],
+    said: list[str],
     dataset: RowsDataset,
     unet: UNet2DConditionModel,
     noise_scheduler: DDPMScheduler,
     empty: torch.Tensor,
     base: Mapping[str, str],
     params: DiffusionParams,
-) -> tuple[UserAdapter, dict]:
-    """The variant ``name``'s adapter trained on the frozen ``unet`` (a branch of text-space
-    parts read by the frozen text key/values has nothing to learn: used as built), and its
-    report. Its run is keyed by the samples it trains on (pixels or latents, prompt states,
-    its condition parts) and ``base``, the digests of the base UNet's weights and the noise
-    schedule (taken before any adapter is installed)."""
+) -> tuple[UserAdapter | None, dict]:
+    """The variant ``name``'s adapter, reading ``parts``, trained on the frozen ``unet``
+    under prompts that say the parts ``said`` (``dataset``'s ``prompt_column(said)``), and
+    its report. No parts: no branch (None). A branch of text-space parts read by the frozen
+    text key/values has nothing to learn: used as built. Its run is keyed by the samples it
+    trains on (pixels or latents, prompt states, its condition parts) and ``base``, the
+    digests of the base UNet's weights and the noise schedule (taken before any adapter is
+    installed)."""
+    if not parts:
+        return None, {"said": said, "parts": parts, "steps": 0}
     torch.manual_seed(params.train.seed)
+    samples = RowsDataset(
+        pixel_values=dataset.columns["pixel_values"],
+        prompt_embeds=dataset.columns[prompt_column(said)],
+        **{part: dataset.columns[part] for part in parts},
+    )
     text_space = [part for part in parts if part in params.text_space_parts]
     adapter = UserAdapter.for_unet(
         unet,
-        {part: dataset.columns[part].shape[1] for part in parts},
+        {part: samples.columns[part].shape[1] for part in parts},
         params.tokens_per_part,
         text_space,
         params.branch_blocks,
     )
     trainable = adapter.trainable_parameters(params.train_key_values)
     if not trainable:  # text-space parts read by the text key/values: used as built
-        return adapter.eval(), {"parts": parts, "steps": 0}
+        return adapter.eval(), {"said": said, "parts": parts, "steps": 0}
     result = train(
         UserConditionedUnet(unet, adapter),
-        dataset,
+        samples,
         DiffusionLoss(
             noise_scheduler,
             empty,
@@ -297,18 +353,18 @@ def train_user_branch(
                     }
                 ),
             },
-            # A sample's clean image (pixels or latents), prompt states and the variant's
-            # parts: a change to another part leaves the variant reused.
+            # A sample's clean image (pixels or latents), prompt states (saying ``said``)
+            # and the variant's parts: a change to another part leaves the variant reused.
             # Streamed: the digest of the tensors they would be, read a block at a time.
             samples={
-                key: dataset.streamed(key) for key in ("pixel_values", "prompt_embeds", *parts)
+                key: samples.streamed(key) for key in ("pixel_values", "prompt_embeds", *parts)
             },
             empty_prompt=empty,
             **base,
         ),
         trainable_parameters=trainable,
     )
-    return adapter.eval(), {"parts": parts, **result.summary()}
+    return adapter.eval(), {"said": said, "parts": parts, **result.summary()}
 
 
 def validate_user_branches(
@@ -350,13 +406,14 @@ def validate_user_branches(
     canonical = validation.loc[cases["user_id"].unique()]
     contexts = preference_contexts(canonical, context_pictures(canonical, raw_images))
     samples = sample_methods(
-        ["base", *user_branches.adapters, "viper_style"],
+        ["base", *params.active_variants, "viper_style"],
         cases,
         stack=stack,
         branches=user_branches.adapters,
+        said={name: params.said(name) for name in params.active_variants},
         taste_reader=params.viper_style.reader(foundation_mllm),
         contexts=contexts,
-        viper_beta=params.viper_style.beta,
+        viper=params.viper_style,
         sampling=params.sampling.model_dump(),
     )
     if agent_world:

@@ -6,15 +6,15 @@ sample and score through these functions, so both measure the same thing. Simula
 (Pick-a-Pic), whose taste is known only through their images, get the captions of their
 own held-out liked images as prompts and are scored by the MLLM judge and CLIP. Public API:
 ``image_prompts``, ``held_out_likes``, ``draw_prompts``, ``draw_subject_prompts``,
-``sample_methods``, ``generate``, ``viper_style_embeds``, ``preference_scores``,
-``oracle_preference``.
+``sample_methods``, ``said_column``, ``said_prompts``, ``generate``, ``read_tastes``,
+``viper_style_embeds``, ``preference_scores``, ``oracle_preference``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import PreTrainedTokenizerBase
 
 from prefgen_kedro.data.tables import LIKED
 from prefgen_kedro.models.clip import EvaluationClip, evaluation_clip_encoders
@@ -33,9 +32,10 @@ from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.stack import DiffusionStack
 from prefgen_kedro.models.user_adapter import UserAdapter, install_user_adapter
 from prefgen_kedro.models.vqa import TASTE_QUESTION, parse_taste
+from prefgen_kedro.params import ViperStyleParams
 from prefgen_kedro.world.agent_world import SOURCE as RENDER_SOURCE
 from prefgen_kedro.world.users import SimulatedUser
-from prefgen_kedro.world.vocabulary import HEADS, subject_prompt
+from prefgen_kedro.world.vocabulary import HEADS, said_caption, subject_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -203,26 +203,37 @@ def sample_methods(
     *,
     stack: DiffusionStack,
     branches: Mapping[str, UserAdapter],
+    said: Mapping[str, Sequence[str]],
     taste_reader: MllmPreferenceModel,
     contexts: Mapping[str, PreferenceContext],
-    viper_beta: float,
+    viper: ViperStyleParams,
     sampling: Mapping[str, object],
 ) -> MethodSamples:
     """One image per case for each method: ``base`` (the prompt alone), ``viper_style``
-    (prompt arithmetic on the MLLM's reading of ``contexts``) or a trained user branch fed
-    the case's condition parts. ``cases`` has ``user_id``, ``prompt``, ``seed`` and the
-    branches' part columns; every method samples the same prompts and seeds with the
+    (the MLLM's reading of ``contexts``, delivered as ``viper`` says) or a user variant: the
+    prompt saying its ``said`` parts (``said_prompts``) and, if it has one, its trained
+    branch fed its other parts. ``cases`` has ``user_id``, ``subject``, ``prompt``, ``seed``
+    and the variants' part columns; every method samples the same prompts and seeds with the
     ``stack`` (its UNet and text tower in float32; a latent UNet decodes with its VAE)."""
-    unknown = sorted(set(methods) - {*UNTRAINED_METHODS, *branches})
+    branches = dict(branches)  # an nn.ModuleDict has no ``get``
+    known = [*UNTRAINED_METHODS, *dict.fromkeys([*said, *branches])]
+    unknown = sorted(set(methods) - set(known))
     if unknown:
         raise ValueError(
-            f"cannot sample methods {unknown}: known are {[*UNTRAINED_METHODS, *branches]} "
-            "(user branches come from diffusion.variants)"
+            f"cannot sample methods {unknown}: known are {known} "
+            "(user variants come from diffusion.variants)"
         )
+    unbranched = [m for m in methods if m in said and not said[m] and m not in branches]
+    if unbranched:
+        raise ValueError(f"user_branches has no branch of {unbranched}, which say nothing")
     unet, text_encoder = stack.unet.float().eval(), stack.clip.text_model.float().eval()
     scheduler, vae, tokenizer = stack.scheduler, stack.vae, stack.tokenizer
-    prompt_embeds = encode_prompts(text_encoder, tokenizer, cases["prompt"].tolist())
-    empty = encode_prompts(text_encoder, tokenizer, [""])
+
+    def encode(prompts: Sequence[str]) -> torch.Tensor:
+        return encode_prompts(text_encoder, tokenizer, list(prompts))
+
+    prompt_embeds = encode(cases["prompt"])
+    empty = encode([""])
     seeds = cases["seed"].tolist()
     samples = MethodSamples()
     for method in methods:
@@ -230,26 +241,25 @@ def sample_methods(
         if method == "base":
             images = generate(unet, scheduler, prompt_embeds, empty, seeds, vae=vae, **sampling)
         elif method == "viper_style":
-            embeds, samples.tastes = viper_style_embeds(
-                taste_reader,
-                contexts,
-                cases["user_id"].tolist(),
-                prompt_embeds,
-                text_encoder,
-                tokenizer,
-                viper_beta,
+            samples.tastes = read_tastes(taste_reader, contexts, cases["user_id"])
+            positive, negative = viper_style_embeds(
+                samples.tastes, cases, prompt_embeds, empty, encode, viper
             )
-            images = generate(unet, scheduler, embeds, empty, seeds, vae=vae, **sampling)
+            images = generate(unet, scheduler, positive, negative, seeds, vae=vae, **sampling)
         else:
-            adapter = branches[method]
-            conditions = {
-                part: torch.from_numpy(np.stack(cases[part].to_list()))
-                for part in adapter.part_names
-            }
+            spoken = said.get(method, ())
+            embeds = encode(said_prompts(cases, spoken)) if spoken else prompt_embeds
+            adapter = branches.get(method)
+            conditions = None
+            if adapter is not None:
+                conditions = {
+                    part: torch.from_numpy(np.stack(cases[part].to_list()))
+                    for part in adapter.part_names
+                }
             images = generate(
                 unet,
                 scheduler,
-                prompt_embeds,
+                embeds,
                 empty,
                 seeds,
                 adapter=adapter,
@@ -260,6 +270,26 @@ def sample_methods(
         samples.images[method] = images
         samples.images_per_second[method] = round(len(cases) / (time.perf_counter() - started), 2)
     return samples
+
+
+def said_column(part: str) -> str:
+    """The ``user_conditions`` column of the attribute ids ``part``'s phrases name."""
+    return f"{part}_attributes"
+
+
+def said_prompts(cases: pd.DataFrame, parts: Sequence[str]) -> list[str]:
+    """Each case's subject captioned with the attributes its ``parts`` name (the columns
+    ``said_column(part)``, in order; ``said_caption``)."""
+    columns = [said_column(part) for part in parts]
+    missing = [column for column in columns if column not in cases]
+    if missing:
+        raise KeyError(f"the cases have no columns {missing} to say (user_conditions makes them)")
+    return [
+        said_caption(subject, [a for attributes in row for a in attributes])
+        for subject, row in zip(
+            cases["subject"], cases[columns].itertuples(index=False), strict=True
+        )
+    ]
 
 
 def generate(
@@ -318,25 +348,34 @@ def generate(
         unet.set_attn_processor(AttnProcessor2_0())
 
 
-def viper_style_embeds(
-    reader: MllmPreferenceModel,
-    contexts: Mapping[str, PreferenceContext],
-    user_ids: Sequence[str],
-    prompt_embeds: torch.Tensor,
-    text_encoder: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    beta: float,
-) -> tuple[torch.Tensor, dict[str, tuple[list[str], list[str]]]]:
-    """ViPer-style prompt arithmetic: the MLLM reads each user's taste off its context
-    (``TASTE_QUESTION``, as ViPer's VLM does, never the ground truth), and image ``i``'s
-    prompt embedding moves by ``beta`` × (liked-attribute text − disliked-attribute text)
-    of ``user_ids[i]``. Returns the embeddings and each user's (liked, disliked) reading."""
+def read_tastes(
+    reader: MllmPreferenceModel, contexts: Mapping[str, PreferenceContext], user_ids: Sequence[str]
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Each user's (liked, disliked) attribute words as the MLLM reads them off its context
+    (``TASTE_QUESTION``, as ViPer's VLM does, never the ground truth)."""
     users = list(dict.fromkeys(user_ids))
     answers = reader.answer([contexts[u] for u in users], None, TASTE_QUESTION)
-    tastes = dict(zip(users, map(parse_taste, answers), strict=True))
-    liked = encode_prompts(text_encoder, tokenizer, [", ".join(tastes[u][0]) for u in user_ids])
-    disliked = encode_prompts(text_encoder, tokenizer, [", ".join(tastes[u][1]) for u in user_ids])
-    return prompt_embeds + beta * (liked - disliked), tastes
+    return dict(zip(users, map(parse_taste, answers), strict=True))
+
+
+def viper_style_embeds(
+    tastes: Mapping[str, tuple[list[str], list[str]]],
+    cases: pd.DataFrame,
+    prompt_embeds: torch.Tensor,
+    empty: torch.Tensor,
+    encode: Callable[[Sequence[str]], torch.Tensor],
+    viper: ViperStyleParams,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt and negative-prompt states of ``viper_style`` for each case, from its
+    user's ``tastes``. ``arithmetic`` (ViPer's): the prompt's states move by ``beta`` ×
+    (liked words' states − disliked words'), against the empty prompt; ``prompt``: the liked
+    words said after the prompt, the disliked words as the negative prompt."""
+    liked = [", ".join(tastes[u][0]) for u in cases["user_id"]]
+    disliked = [", ".join(tastes[u][1]) for u in cases["user_id"]]
+    if viper.delivery == "arithmetic":
+        return prompt_embeds + viper.beta * (encode(liked) - encode(disliked)), empty
+    said = [", ".join(filter(None, pair)) for pair in zip(cases["prompt"], liked, strict=True)]
+    return encode(said), encode(disliked)
 
 
 def preference_scores(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -170,6 +170,17 @@ def caption(subject: str, style: Mapping[str, str]) -> str:
     if "background" in style:
         text += f" on a {style['background']} background"
     return ", ".join([text, *(style[c] for c in ("composition", "tone") if c in style)])
+
+
+def said_caption(subject: str, attribute_ids: Sequence[str]) -> str:
+    """``caption`` of ``subject`` saying the attributes named (``category:value``), the first
+    of each category: "a striped star on a olive background" for ``["pattern:striped",
+    "background:olive", "pattern:dotted"]``."""
+    style: dict[str, str] = {}
+    for attribute_id in attribute_ids:
+        said = attribute(attribute_id)
+        style.setdefault(said.category, said.value)
+    return caption(subject, style)
 
 
 def subject_prompt(subject: str) -> str:

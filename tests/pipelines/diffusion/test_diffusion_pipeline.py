@@ -1,12 +1,13 @@
-"""The ``diffusion`` pipeline on ``smoke``: conditions without copying, every variant
-trained and scored; and its training node on a latent UNet with a VAE, as SD 1.5 in
-``gpu``."""
+"""The ``diffusion`` pipeline on ``smoke``: conditions without copying, the parts each
+variant says in its prompt and those its branch reads, every variant trained and scored;
+and its training node on a latent UNet with a VAE, as SD 1.5 in ``gpu``."""
 
 import json
 from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from kedro.framework.session import KedroSession
@@ -14,7 +15,10 @@ from kedro.framework.startup import bootstrap_project
 
 from prefgen_kedro.models.diffusion import build_unet
 from prefgen_kedro.models.user_adapter import UserBranches
+from prefgen_kedro.models.user_branches import named_attributes
+from prefgen_kedro.params import DiffusionParams
 from prefgen_kedro.pipelines.diffusion.nodes import train_user_branches
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 
 def test_diffusion_runs_on_smoke(smoke_diffused):
@@ -38,8 +42,18 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
     liked = users.set_index("user_id").loc[row["user_id"], "liked_attributes"]
     assert len(row["true_sem"]) == len(row["e_sem_hat"]) == len(liked) * 16  # smoke text width
 
+    # ê_sem and the references are said in the prompt: the attributes their states are
+    for part in ("e_sem_hat", "e_sem_hat_no_mmd", "oracle_state_hat"):
+        named = conditions[f"{part}_attributes"]
+        assert named.map(len).eq(len(liked)).all()
+        # one attribute a category, as the aligner picks them
+        assert named.map(lambda ids: len({a.split(":")[0] for a in ids}) == len(ids)).all()
+    liked_of = users.set_index("user_id")["liked_attributes"].map(list)
+    for user_id, said in zip(conditions["user_id"], conditions["true_sem_attributes"], strict=True):
+        assert list(said) == liked_of[user_id]
+
     branches = UserBranches.from_pretrained(data / "06_models" / "user_branches")
-    expected = {
+    branched = {
         "prefgen",
         "prefgen_no_mmd",
         "prefgen_no_core",
@@ -47,11 +61,11 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
         "prefgen_no_img",
         "ip_adapter",
         "mean_clip",
-        "oracle_taste",
-        "oracle_state",
     }
-    assert set(branches.adapters) == expected
+    assert set(branches.adapters) == branched  # the references say all they read
     assert branches.adapters["ip_adapter"].part_names == ["e_img"]
+    assert branches.adapters["prefgen"].part_names == ["e_core", "e_img"]
+    expected = branched | {"oracle_taste", "oracle_state"}
 
     metrics = json.loads((data / "08_reporting" / "diffusion_metrics.json").read_text())
     for method in expected | {"base", "viper_style"}:
@@ -109,5 +123,26 @@ def test_user_branches_train_on_vae_latents_when_the_unet_is_a_latent_one(
         params,
     )
     assert set(branches.adapters) == {"prefgen"}
+    assert report["variants"]["prefgen"]["said"] == ["e_sem_hat"]
     assert report["variants"]["prefgen"]["steps"] == 1
     assert np.isfinite(report["variants"]["prefgen"]["learning_curve"][-1]["loss"])
+
+
+def test_said_parts_are_named_by_the_attribute_phrases_their_states_are():
+    vocabulary = torch.eye(4) * 3  # four attribute phrases' states, ATTRIBUTE_IDS order
+    states = pd.Series([torch.cat([vocabulary[2], vocabulary[0]]).numpy()])
+    assert named_attributes(states, vocabulary, "e_sem_hat") == [
+        [ATTRIBUTE_IDS[2], ATTRIBUTE_IDS[0]]
+    ]
+    graded = pd.Series([np.full(8, 0.5, dtype=np.float32)])
+    with pytest.raises(ValueError, match="e_core's tokens are not attribute phrases"):
+        named_attributes(graded, vocabulary, "e_core")
+
+
+def test_a_variant_says_its_said_parts_and_its_branch_reads_the_rest(smoke_project):
+    bootstrap_project(smoke_project)
+    with KedroSession.create(project_path=smoke_project, env="smoke") as session:
+        params = DiffusionParams.model_validate(session.load_context().params["diffusion"])
+    assert params.said("prefgen") == ["e_sem_hat"]
+    assert params.branch_parts("prefgen") == ["e_core", "e_img"]
+    assert params.said("prefgen_no_sem") == [] and params.branch_parts("oracle_taste") == []

@@ -69,8 +69,10 @@ def train_user_branches(
     stack: DiffusionStack,
     params: DiffusionParams,
 ) -> tuple[UserBranches, dict]:
-    """Train one adapter per variant on the frozen base UNet (on the latents of the stack's
-    VAE when the UNet is a latent one, e.g. SD 1.5). Each variant's run is keyed by the
+    """Train one adapter per variant with branch parts on the frozen base UNet (on the
+    latents of the stack's VAE when the UNet is a latent one, e.g. SD 1.5), under prompts
+    that say the variant's said parts; a variant whose parts are all said has no branch.
+    Each variant's run is keyed by the
     samples it trains on (pixels or latents, prompt states, its condition parts), the base
     UNet's weights and the noise schedule, so a variant whose inputs are unchanged is reused
     and any other trains afresh. The samples are read from disk a batch at a time
@@ -84,6 +86,9 @@ def train_user_branches(
         stack.tokenizer,
         stack.vae,
         params.checkpoint_root,  # its sample files, removed after the node
+        said_sets=[
+            params.said(name) for name in params.active_variants if params.branch_parts(name)
+        ],
     )
     empty = encode_prompts(stack.clip.text_model.float().eval(), stack.tokenizer, [""])
     # Changed in place: the catalog loads the stack afresh for every node.
@@ -92,11 +97,19 @@ def train_user_branches(
         unet.enable_gradient_checkpointing()
     base = {"unet": digest_of(unet), "noise_scheduler": digest_of(stack.scheduler)}
     adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
-    for name, parts in params.active_variants.items():
+    for name in params.active_variants:
         adapters[name], report["variants"][name] = train_user_branch(
-            name, parts, dataset, unet, stack.scheduler, empty, base, params
+            name,
+            params.branch_parts(name),
+            params.said(name),
+            dataset,
+            unet,
+            stack.scheduler,
+            empty,
+            base,
+            params,
         )
-    return UserBranches.of(adapters), report
+    return UserBranches.of({n: a for n, a in adapters.items() if a is not None}), report
 
 
 def evaluate_user_branches(

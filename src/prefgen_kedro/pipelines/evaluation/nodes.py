@@ -87,9 +87,10 @@ def generate_images(
         evaluation_cases,
         stack=diffusion_stack,
         branches=user_branches.adapters,
+        said={name: diffusion.said(name) for name in diffusion.active_variants},
         taste_reader=diffusion.viper_style.reader(foundation_mllm),
         contexts=preference_contexts(canonical, pictures),
-        viper_beta=diffusion.viper_style.beta,
+        viper=diffusion.viper_style,
         sampling=diffusion.sampling.model_dump(),
     )
     generations, files = generations_table(samples.images, evaluation_cases, images, pictures)
