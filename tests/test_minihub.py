@@ -224,6 +224,7 @@ def test_the_whole_gpu_chain_runs_on_the_minihub_and_reports_finite_metrics(mini
     assert metrics.dropna(subset=["ci_low", "ci_high"]).shape[0] > 0
     markdown = (reporting / "benchmark.md").read_text()
     assert "kedro run --env minihub" in markdown and "judge P(yes)" in markdown
+    assert "its user branch reads `e_sem_hat`, `e_core`, `e_img`" in markdown  # nothing said
     assert (reporting / "benchmark.html").read_text().lower().startswith("<!doctype html>")
     for name in ("vqa_metrics", "alignment_metrics", "diffusion_metrics", "layer_selection"):
         assert json.loads((reporting / f"{name}.json").read_text()), name

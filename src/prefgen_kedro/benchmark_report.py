@@ -235,7 +235,7 @@ def delivery(diffusion: DiffusionParams, method: str) -> str:
     if method not in diffusion.active_variants:
         return ""
     said, branch = diffusion.said(method), diffusion.branch_parts(method)
-    ways = [f"its prompt says the attributes that {_names(said)} name"] if said else []
+    ways = [f"its prompt says the attributes named by {_names(said)}"] if said else []
     if branch:
         ways.append(f"its user branch reads {_names(branch)}")
     return f" How `{method}`'s condition reaches the UNet: {'; '.join(ways)}."

@@ -8,8 +8,12 @@ import math
 
 import pandas as pd
 import pytest
+from kedro.framework.project import pipelines
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 
 from prefgen_kedro.models.user_adapter import UserBranches
+from prefgen_kedro.pipelines.diffusion.nodes import make_user_conditions
 
 ORACLE_METRICS = {"like_rate", "mean_utility", "utility", "subject_accuracy"}
 ORACLE_COLUMNS = {"utility", "liked", "subject_correct"}
@@ -86,3 +90,19 @@ def test_the_benchmark_has_judge_and_clip_metrics_and_no_oracle_ones(smoke_real_
     assert "judge P(yes)" in markdown and "CLIP score" in markdown
     # no oracle column, not even an empty one
     assert "oracle like-rate %" not in markdown and "subject acc. %" not in markdown
+
+
+def test_a_real_users_phrases_cannot_be_said_in_the_prompt(smoke_real_users, monkeypatch):
+    """Their phrases are whole captions: a condition made with ``said_parts`` refuses,
+    naming the key that says nothing (as ``conf/gpu`` does)."""
+    project = smoke_real_users.parents[1]
+    monkeypatch.chdir(project)
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env="smoke") as session:
+        context = session.load_context()
+        catalog, params = context.catalog, context.params["diffusion"]
+    params = params.model_copy(update={"variants": {"prefgen": ["e_sem_hat", "e_core"]}})
+    (node,) = [n for n in pipelines["diffusion"].nodes if n.func is make_user_conditions]
+    inputs = [catalog.load(name) for name in node.inputs if not name.startswith("params:")]
+    with pytest.raises(ValueError, match=r"set diffusion.said_parts to \[\]"):
+        make_user_conditions(*inputs, params)

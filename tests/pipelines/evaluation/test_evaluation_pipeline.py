@@ -78,6 +78,10 @@ def test_the_report_states_its_command_and_is_self_contained(smoke_evaluated):
     ladder = markdown[markdown.index("## Signal ladder") :].split("\n\n")[2].splitlines()[2:]
     rows = [line.split("|")[1].strip(" `*") for line in ladder]
     assert rows == ["real", "oracle_taste", "oracle_state", "prefgen"]
+    assert (
+        "How `prefgen`'s condition reaches the UNet: its prompt says the attributes named by "
+        "`e_sem_hat`; its user branch reads `e_core`, `e_img`." in markdown
+    )
     assert "## Where the time went" in markdown and "| evaluation.generate_images |" in markdown
     timings = json.loads((smoke_evaluated / "08_reporting" / "timings.json").read_text())
     assert [n["node"] for n in timings["nodes"]][-1] == "evaluation.write_benchmark_report"
