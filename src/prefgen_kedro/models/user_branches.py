@@ -67,8 +67,8 @@ from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, said_caption
 
 # A perfect ê_sem: the text-space states of the simulated user's liked-attribute phrases
-# (the alignment targets themselves). A diagnostic upper bound for the branch, agent world
-# only, never a method.
+# (the alignment targets themselves). A diagnostic upper bound for PrefGen's delivery,
+# agent world only, never a method.
 TRUE_SEM = "true_sem"
 # Pictures the conditioning CLIP encodes at once for the users' conditions.
 CONDITION_BATCH = 256
