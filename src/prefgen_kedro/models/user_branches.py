@@ -119,18 +119,6 @@ def user_conditions(
             torch.nn.functional.normalize(e.mean(0), dim=0).numpy() for e in liked_embeddings
         ],
     )
-    for name, mlp in aligners.mlps.items():
-        variant = ALIGNER_VARIANTS[name]
-        with torch.inference_mode():
-            mapped = mlp.token_sets(
-                torch.from_numpy(np.stack(merged[variant.reads].to_list())).float()
-            )
-        conditions[variant.writes] = list(mapped.flatten(1).numpy())
-    missing = wanted - set(conditions) - {TRUE_SEM}
-    if missing:
-        raise ValueError(
-            f"diffusion.variants read parts {sorted(missing)} that no trained aligner wrote"
-        )
     said = {part for name in params.active_variants for part in params.said(name)}
     if said and not agent_world:
         raise ValueError(
@@ -138,31 +126,43 @@ def user_conditions(
             "simulated users have (a real user's phrases are whole captions): set "
             "diffusion.said_parts to []"
         )
+    sayable = {ALIGNER_VARIANTS[name].writes for name in aligners.mlps} | {TRUE_SEM}
+    if said - sayable:
+        raise ValueError(
+            f"diffusion.said_parts {sorted(said - sayable)} name no attributes: only the "
+            f"aligners' phrases and {TRUE_SEM!r} can be said"
+        )
+    for name, mlp in aligners.mlps.items():
+        variant = ALIGNER_VARIANTS[name]
+        with torch.inference_mode():
+            picks = mlp.picks(
+                mlp(torch.from_numpy(np.stack(merged[variant.reads].to_list())).float())
+            )
+        conditions[variant.writes] = list(mlp.vocabulary[picks].flatten(1).numpy())
+        if variant.writes in said:
+            # An agent-world vocabulary is every attribute's phrase, in ATTRIBUTE_IDS order.
+            if len(mlp.vocabulary) != len(ATTRIBUTE_IDS):
+                raise ValueError(
+                    f"aligner {name!r} picks from {len(mlp.vocabulary)} phrases, not the "
+                    f"{len(ATTRIBUTE_IDS)} attributes': {variant.writes} cannot be said"
+                )
+            conditions[said_column(variant.writes)] = [
+                [ATTRIBUTE_IDS[i] for i in row] for row in picks.tolist()
+            ]
+    missing = wanted - set(conditions) - {TRUE_SEM}
+    if missing:
+        raise ValueError(
+            f"diffusion.variants read parts {sorted(missing)} that no trained aligner wrote"
+        )
     if not agent_world:
         return conditions
     with torch.inference_mode():
         _, vocabulary = attribute_phrase_embeddings(conditioning_clip, clip_tokenizer)
     conditions[TRUE_SEM] = liked_phrase_states(users, vocabulary)[conditions["user_id"]].to_list()
-    liked_of = users.set_index("user_id")["liked_attributes"].map(list)
-    for part in sorted(said):
-        conditions[said_column(part)] = (
-            liked_of[conditions["user_id"]].to_list()
-            if part == TRUE_SEM
-            else named_attributes(conditions[part], vocabulary, part)
-        )
+    if TRUE_SEM in said:
+        liked_of = users.set_index("user_id")["liked_attributes"].map(list)
+        conditions[said_column(TRUE_SEM)] = liked_of[conditions["user_id"]].to_list()
     return conditions
-
-
-def named_attributes(states: pd.Series, vocabulary: torch.Tensor, part: str) -> list[list[str]]:
-    """Per row of ``states`` (a part's phrase states, concatenated), the attribute ids of
-    its phrases: the attribute vocabulary's rows they are."""
-    flat = torch.from_numpy(np.stack(states.to_list())).float()
-    tokens = flat.view(len(flat), -1, vocabulary.shape[1])
-    distances = torch.cdist(tokens, vocabulary.expand(len(flat), -1, -1))
-    nearest = distances.min(dim=-1)
-    if nearest.values.max() > 1e-3 * vocabulary.norm(dim=1).max():
-        raise ValueError(f"{part}'s tokens are not attribute phrases' states: it cannot be said")
-    return [[ATTRIBUTE_IDS[i] for i in row] for row in nearest.indices.tolist()]
 
 
 def liked_phrase_states(users: pd.DataFrame, vocabulary: torch.Tensor) -> pd.Series:

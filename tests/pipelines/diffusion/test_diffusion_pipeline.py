@@ -10,15 +10,14 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 from prefgen_kedro.models.diffusion import build_unet
 from prefgen_kedro.models.user_adapter import UserBranches
-from prefgen_kedro.models.user_branches import named_attributes
 from prefgen_kedro.params import DiffusionParams
-from prefgen_kedro.pipelines.diffusion.nodes import train_user_branches
-from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
+from prefgen_kedro.pipelines.diffusion.nodes import make_user_conditions, train_user_branches
 
 
 def test_diffusion_runs_on_smoke(smoke_diffused):
@@ -128,15 +127,17 @@ def test_user_branches_train_on_vae_latents_when_the_unet_is_a_latent_one(
     assert np.isfinite(report["variants"]["prefgen"]["learning_curve"][-1]["loss"])
 
 
-def test_said_parts_are_named_by_the_attribute_phrases_their_states_are():
-    vocabulary = torch.eye(4) * 3  # four attribute phrases' states, ATTRIBUTE_IDS order
-    states = pd.Series([torch.cat([vocabulary[2], vocabulary[0]]).numpy()])
-    assert named_attributes(states, vocabulary, "e_sem_hat") == [
-        [ATTRIBUTE_IDS[2], ATTRIBUTE_IDS[0]]
-    ]
-    graded = pd.Series([np.full(8, 0.5, dtype=np.float32)])
-    with pytest.raises(ValueError, match="e_core's tokens are not attribute phrases"):
-        named_attributes(graded, vocabulary, "e_core")
+def test_only_parts_that_name_attributes_can_be_said(smoke_diffused, smoke_project, monkeypatch):
+    monkeypatch.chdir(smoke_project)
+    bootstrap_project(smoke_project)
+    with KedroSession.create(project_path=smoke_project, env="smoke") as session:
+        context = session.load_context()
+        catalog, params = context.catalog, context.params["diffusion"]
+    params = params.model_copy(update={"said_parts": ["e_sem_hat", "e_core"]})
+    (node,) = [n for n in pipelines["diffusion"].nodes if n.func is make_user_conditions]
+    inputs = [catalog.load(name) for name in node.inputs if not name.startswith("params:")]
+    with pytest.raises(ValueError, match=r"said_parts \['e_core'\] name no attributes"):
+        make_user_conditions(*inputs, params)
 
 
 def test_a_variant_says_its_said_parts_and_its_branch_reads_the_rest(smoke_project):
