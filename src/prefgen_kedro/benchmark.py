@@ -8,7 +8,7 @@ Every method draws the same (prompt, seed) pairs for each test user's canonical 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -171,10 +171,14 @@ def generations_table(
     evaluation_cases: pd.DataFrame,
     images: pd.DataFrame,
     pictures: Mapping[str, np.ndarray],
+    said_prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Image.Image]]:
     """Every method's images (one per case, in case order) plus the ``real`` row (each
     case's held-out liked image): the ``generations`` table and the images keyed
-    ``method/user_case``."""
+    ``method/user_case``. ``prompt`` is what the user asked for (CLIP score reads it);
+    ``sampled_prompt`` what the method's text encoder read: a method's ``said_prompts``
+    where it said more, else the prompt (empty for ``real``)."""
+    said_prompts = said_prompts or {}
     generated = dict(generated_by_method)
     # At the generated size: a latent UNet's images (SD 1.5: 512 px) can be larger than the
     # ingested ones (Pick-a-Pic: 256 px), and every scorer takes one stack of images.
@@ -187,7 +191,8 @@ def generations_table(
     rows, files = [], {}
     for method, pixels in generated.items():
         real = method == REAL
-        for case, picture in zip(evaluation_cases.itertuples(), pixels, strict=True):
+        sampled = said_prompts.get(method, [None] * len(evaluation_cases))
+        for case, picture, said in zip(evaluation_cases.itertuples(), pixels, sampled, strict=True):
             key = f"{method}/{case.user_id}_{case.case}"
             files[key] = Image.fromarray(picture)
             rows.append(
@@ -197,6 +202,7 @@ def generations_table(
                     "case": case.case,
                     "subject": subject_of[case.real_image_id] if real else case.subject,
                     "prompt": prompt_of[case.real_image_id] if real else case.prompt,
+                    "sampled_prompt": "" if real else said or case.prompt,
                     "seed": None if real else case.seed,
                     "image": key,
                 }

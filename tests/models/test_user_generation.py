@@ -18,6 +18,7 @@ from prefgen_kedro.models.user_generation import (
     said_column,
     said_prompts,
     viper_style_embeds,
+    viper_style_prompts,
 )
 from prefgen_kedro.params import ViperStyleParams
 from prefgen_kedro.world.render import render
@@ -154,6 +155,9 @@ def test_viper_style_delivers_the_words_the_mllm_read(delivery):
         assert positive.item() == 1.0 + 0.5 * (10.0 - 100.0) and negative.item() == 0.0
     else:
         assert positive.item() == 1000.0 and negative.item() == 100.0
+        assert viper_style_prompts({"u": (["striped", "pink"], ["night"])}, cases) == [
+            "a star, striped, pink"
+        ]
 
 
 def test_oracle_like_rate_on_renders_made_to_be_liked_or_disliked():

@@ -7,7 +7,8 @@ sample and score through these functions, so both measure the same thing. Simula
 own held-out liked images as prompts and are scored by the MLLM judge and CLIP. Public API:
 ``image_prompts``, ``held_out_likes``, ``draw_prompts``, ``draw_subject_prompts``,
 ``sample_methods``, ``said_column``, ``said_prompts``, ``generate``, ``read_tastes``,
-``viper_style_embeds``, ``preference_scores``, ``oracle_preference``.
+``viper_style_embeds``, ``viper_style_prompts``, ``preference_scores``,
+``oracle_preference``.
 """
 
 from __future__ import annotations
@@ -178,10 +179,12 @@ UNTRAINED_METHODS = ("base", "viper_style")  # methods that need no user branch
 
 @dataclass
 class MethodSamples:
-    """Each method's uint8 images (case order), its sampling speed, and the taste the
-    MLLM read for ``viper_style`` (user → (liked, disliked) attribute words)."""
+    """Each method's uint8 images (case order), the prompts of a method whose prompts said
+    more than the case's (case order), its sampling speed, and the taste the MLLM read for
+    ``viper_style`` (user → (liked, disliked) attribute words)."""
 
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    said_prompts: dict[str, list[str]] = field(default_factory=dict)
     images_per_second: dict[str, float] = field(default_factory=dict)
     tastes: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)
 
@@ -245,10 +248,14 @@ def sample_methods(
             positive, negative = viper_style_embeds(
                 samples.tastes, cases, prompt_embeds, empty, encode, viper
             )
+            if viper.delivery == "prompt":
+                samples.said_prompts[method] = viper_style_prompts(samples.tastes, cases)
             images = generate(unet, scheduler, positive, negative, seeds, vae=vae, **sampling)
         else:
-            spoken = said.get(method, ())
-            embeds = encode(said_prompts(cases, spoken)) if spoken else prompt_embeds
+            embeds = prompt_embeds
+            if said.get(method):
+                samples.said_prompts[method] = said_prompts(cases, said[method])
+                embeds = encode(samples.said_prompts[method])
             adapter = branches.get(method)
             conditions = None
             if adapter is not None:
@@ -370,12 +377,22 @@ def viper_style_embeds(
     user's ``tastes``. ``arithmetic`` (ViPer's): the prompt's states move by ``beta`` ×
     (liked words' states − disliked words'), against the empty prompt; ``prompt``: the liked
     words said after the prompt, the disliked words as the negative prompt."""
-    liked = [", ".join(tastes[u][0]) for u in cases["user_id"]]
     disliked = [", ".join(tastes[u][1]) for u in cases["user_id"]]
     if viper.delivery == "arithmetic":
+        liked = [", ".join(tastes[u][0]) for u in cases["user_id"]]
         return prompt_embeds + viper.beta * (encode(liked) - encode(disliked)), empty
-    said = [", ".join(filter(None, pair)) for pair in zip(cases["prompt"], liked, strict=True)]
-    return encode(said), encode(disliked)
+    return encode(viper_style_prompts(tastes, cases)), encode(disliked)
+
+
+def viper_style_prompts(
+    tastes: Mapping[str, tuple[list[str], list[str]]], cases: pd.DataFrame
+) -> list[str]:
+    """Each case's prompt with its user's liked words said after it (``viper_style``'s
+    ``prompt`` delivery)."""
+    return [
+        ", ".join([prompt, *tastes[user][0]])
+        for prompt, user in zip(cases["prompt"], cases["user_id"], strict=True)
+    ]
 
 
 def preference_scores(

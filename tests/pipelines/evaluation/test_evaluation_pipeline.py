@@ -37,6 +37,14 @@ def test_every_method_is_scored_on_the_same_cases(smoke_evaluated):
     assert len(cases) == 1  # same users, subjects and seeds for every method
     for key in generations["image"]:
         assert (smoke_evaluated / "07_model_output" / "generations" / f"{key}.png").exists()
+    # what each method's text encoder read: ê_sem's attributes said in prefgen's caption
+    of = {m: g.set_index(["user_id", "case"]) for m, g in per_method}
+    assert (of["base"]["sampled_prompt"] == of["base"]["prompt"]).all()
+    prefgen = of["prefgen"]
+    assert (prefgen["sampled_prompt"] != prefgen["prompt"]).all()
+    assert all(
+        s in said for s, said in zip(prefgen["subject"], prefgen["sampled_prompt"], strict=True)
+    )
 
     metrics = pd.read_csv(smoke_evaluated / "08_reporting" / "metrics.csv")
     assert set(metrics.columns) == {"method", "metric", "mean", "ci_low", "ci_high", "n"}

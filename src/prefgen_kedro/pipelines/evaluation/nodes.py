@@ -93,7 +93,9 @@ def generate_images(
         viper=diffusion.viper_style,
         sampling=diffusion.sampling.model_dump(),
     )
-    generations, files = generations_table(samples.images, evaluation_cases, images, pictures)
+    generations, files = generations_table(
+        samples.images, evaluation_cases, images, pictures, samples.said_prompts
+    )
     return generations, files, samples.report(len(evaluation_cases))
 
 
