@@ -1,5 +1,5 @@
 """PrefGen step 4 around the user adapter: every user's condition parts, the samples a
-branch trains on, one branch's training run and the branches' validation.
+branch trains on, the branches' training runs and their validation.
 
 Each variant reads some parts of a user's condition (``DiffusionParams.variants``): PrefGen
 ``[ê_sem; e_core; e_img]``, its ablations, ``ip_adapter`` (``e_img``) and ``mean_clip``
@@ -61,7 +61,7 @@ from prefgen_kedro.models.user_generation import (
     sample_methods,
 )
 from prefgen_kedro.params import DiffusionParams
-from prefgen_kedro.provenance import run_key
+from prefgen_kedro.provenance import digest_of, run_key
 from prefgen_kedro.training import train
 from prefgen_kedro.world.agent_world import simulated_users, tastes_are_known
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, said_caption
@@ -199,7 +199,7 @@ def branch_training_set(
     clip_tokenizer: PreTrainedTokenizerBase,
     vae: AutoencoderKL | None,
     folder: str | Path,
-    said_sets: Collection[Sequence[str]] = ((),),
+    said_sets: Collection[Sequence[str]],
 ) -> RowsDataset:
     """One sample per (training user's context, liked image of that user outside it), with
     the image's prompt (``image_prompts``: a render's subject-only prompt, a real image's
@@ -286,6 +286,57 @@ def _written(path: Path, blocks: Iterator[torch.Tensor]) -> RowFile:
     return file
 
 
+def train_variant_branches(
+    user_conditions: pd.DataFrame,
+    images: pd.DataFrame,
+    interactions: pd.DataFrame,
+    raw_images: Mapping[str, Callable],
+    stack: DiffusionStack,
+    params: DiffusionParams,
+) -> tuple[UserBranches, dict]:
+    """Every active variant's branch (``train_user_branch``) on the frozen base UNet (on
+    the latents of the stack's VAE when the UNet is a latent one, e.g. SD 1.5), under
+    prompts that say the variant's said parts; a variant whose parts are all said has none.
+    Each variant's run is keyed by the samples it trains on (pixels or latents, prompt
+    states, its condition parts), the base UNet's weights and the noise schedule, so a
+    variant whose inputs are unchanged is reused and any other trains afresh. The samples
+    are read from disk a batch at a time (``branch_training_set``). Returns the branches
+    and a report of every variant's run."""
+    dataset = branch_training_set(
+        user_conditions,
+        images,
+        interactions,
+        raw_images,
+        stack.clip,
+        stack.tokenizer,
+        stack.vae,
+        params.checkpoint_root,  # its sample files, removed with the dataset
+        said_sets=[
+            params.said(name) for name in params.active_variants if params.branch_parts(name)
+        ],
+    )
+    empty = encode_prompts(stack.clip.text_model.float().eval(), stack.tokenizer, [""])
+    # Changed in place: the catalog loads the stack afresh for every node.
+    unet = stack.unet.float()
+    if params.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    base = {"unet": digest_of(unet), "noise_scheduler": digest_of(stack.scheduler)}
+    adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
+    for name in params.active_variants:
+        adapters[name], report["variants"][name] = train_user_branch(
+            name,
+            params.branch_parts(name),
+            params.said(name),
+            dataset,
+            unet,
+            stack.scheduler,
+            empty,
+            base,
+            params,
+        )
+    return UserBranches.of({n: a for n, a in adapters.items() if a is not None}), report
+
+
 def train_user_branch(
     name: str,
     parts: list[str],
@@ -304,8 +355,9 @@ def train_user_branch(
     trains on (pixels or latents, prompt states, its condition parts) and ``base``, the
     digests of the base UNet's weights and the noise schedule (taken before any adapter is
     installed)."""
+    described = {"said": said, "parts": parts}
     if not parts:
-        return None, {"said": said, "parts": parts, "steps": 0}
+        return None, {**described, "steps": 0}
     torch.manual_seed(params.train.seed)
     samples = RowsDataset(
         pixel_values=dataset.columns["pixel_values"],
@@ -322,7 +374,7 @@ def train_user_branch(
     )
     trainable = adapter.trainable_parameters(params.train_key_values)
     if not trainable:  # text-space parts read by the text key/values: used as built
-        return adapter.eval(), {"said": said, "parts": parts, "steps": 0}
+        return adapter.eval(), {**described, "steps": 0}
     result = train(
         UserConditionedUnet(unet, adapter),
         samples,
@@ -364,7 +416,7 @@ def train_user_branch(
         ),
         trainable_parameters=trainable,
     )
-    return adapter.eval(), {"said": said, "parts": parts, **result.summary()}
+    return adapter.eval(), {**described, **result.summary()}
 
 
 def validate_user_branches(

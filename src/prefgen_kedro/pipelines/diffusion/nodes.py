@@ -19,19 +19,16 @@ from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from prefgen_kedro.models.alignment import Aligners
 from prefgen_kedro.models.clip import EvaluationClip
-from prefgen_kedro.models.diffusion import encode_prompts
 from prefgen_kedro.models.oracle import AttributeOracle
 from prefgen_kedro.models.probes import taste_audit
 from prefgen_kedro.models.stack import DiffusionStack, MllmWithProcessor
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.models.user_branches import (
-    branch_training_set,
-    train_user_branch,
+    train_variant_branches,
     user_conditions,
     validate_user_branches,
 )
 from prefgen_kedro.params import DiffusionParams, EvaluationParams
-from prefgen_kedro.provenance import digest_of
 
 
 def make_user_conditions(
@@ -69,47 +66,10 @@ def train_user_branches(
     stack: DiffusionStack,
     params: DiffusionParams,
 ) -> tuple[UserBranches, dict]:
-    """Train one adapter per variant with branch parts on the frozen base UNet (on the
-    latents of the stack's VAE when the UNet is a latent one, e.g. SD 1.5), under prompts
-    that say the variant's said parts; a variant whose parts are all said has no branch.
-    Each variant's run is keyed by the
-    samples it trains on (pixels or latents, prompt states, its condition parts), the base
-    UNet's weights and the noise schedule, so a variant whose inputs are unchanged is reused
-    and any other trains afresh. The samples are read from disk a batch at a time
-    (``branch_training_set``). (Step times: ``benchmarks/adapter_step.py``.)"""
-    dataset = branch_training_set(
-        user_conditions,
-        images,
-        interactions,
-        raw_images,
-        stack.clip,
-        stack.tokenizer,
-        stack.vae,
-        params.checkpoint_root,  # its sample files, removed after the node
-        said_sets=[
-            params.said(name) for name in params.active_variants if params.branch_parts(name)
-        ],
-    )
-    empty = encode_prompts(stack.clip.text_model.float().eval(), stack.tokenizer, [""])
-    # Changed in place: the catalog loads the stack afresh for every node.
-    unet = stack.unet.float()
-    if params.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    base = {"unet": digest_of(unet), "noise_scheduler": digest_of(stack.scheduler)}
-    adapters, report = {}, {"training_samples": len(dataset), "variants": {}}
-    for name in params.active_variants:
-        adapters[name], report["variants"][name] = train_user_branch(
-            name,
-            params.branch_parts(name),
-            params.said(name),
-            dataset,
-            unet,
-            stack.scheduler,
-            empty,
-            base,
-            params,
-        )
-    return UserBranches.of({n: a for n, a in adapters.items() if a is not None}), report
+    """One branch per variant that has branch parts, trained on the frozen base UNet under
+    prompts that say its said parts (``train_variant_branches``; step times:
+    ``benchmarks/adapter_step.py``)."""
+    return train_variant_branches(user_conditions, images, interactions, raw_images, stack, params)
 
 
 def evaluate_user_branches(
