@@ -1,0 +1,192 @@
+"""How much of a new user's taste does ``e_sem`` hold, and how much of it can PrefGen's
+aligner read from the training users it has?
+
+``e_sem`` is the tuned MLLM's last-layer state after the taste question. The aligner learns
+to read it from the agent world's training users alone (700 by default), each seen through
+6 contexts. Here the same state is read by readers fitted on N *fresh* simulated users,
+drawn as the world draws its users (4 liked and 4 disliked attributes) and shown as one
+context of 8 liked and 8 disliked renders from a pool of the script's own. They are never
+the project's users. Every reader is scored on the run's validation users' contexts, as the
+aligner is:
+
+- ``linear reader``: a linear multi-label read-out of the liked attributes, binary
+  cross-entropy (Adam, 1,500 steps);
+- ``MMD aligner``: the shipped aligner recipe (``models/alignment.py``: MLP, MMD to the liked
+  phrases, the phrase vocabulary and groups of the run's aligner), with 192 contexts a step
+  and 3,000 steps, since each fresh user brings one context where a training user brings 6.
+
+Each row gives, for the validation users' contexts:
+- the liked precision of the 4 picks (one phrase per category, the aligner's rule), which
+  sets the like-rate once the picks are said in the prompt;
+- the mean ROC AUC of the read-out's liked scores.
+
+The run's own aligner and the counting rule on the same contexts are printed beside them.
+
+``python -m experiments.reader_budget`` after a default ``kedro run`` (about 4 minutes on a
+2-core CPU); ``--data`` points at another run's ``data`` folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+import prefgen_kedro.models.mllm  # noqa: F401  (registers the tiny MLLM with the Auto classes)
+from prefgen_kedro.models.alignment import ALIGNER_VARIANTS, Aligners, train_aligner
+from prefgen_kedro.models.mllm import MllmPreferenceModel
+from prefgen_kedro.models.mllm_pretraining import SimulatedUserVqa
+from prefgen_kedro.models.vqa import TASTE_QUESTION
+from prefgen_kedro.params import AlignmentParams
+from prefgen_kedro.world.agent_world import render_set
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
+
+POOL_SEED = 777  # a render pool of its own: not the MLLM's (606) nor the held-out one (404)
+USER_SEED = 5
+E_SEM_LAYER = 2  # the layer probing picks for e_sem on the shipped MLLM (layer_selection.json)
+# The shipped recipe (conf/base/parameters_alignment.yml) but for the batch and the steps.
+ALIGNER_RECIPE = {
+    "checkpoint_root": "",
+    "hidden_dim": 256,
+    "dropout": 0.5,
+    "tokens": 4,
+    "bandwidth_factors": [0.25, 0.5, 1.0, 2.0, 4.0],
+    "retrieval_k": 5,
+    "train": {
+        "max_steps": 3000,
+        "batch_size": 192,
+        "learning_rate": 1.0e-3,
+        "weight_decay": 1.0e-2,
+        "warmup_steps": 30,
+        "checkpoint_every": 3000,
+        "log_every": 500,
+        "seed": 51,
+    },
+}
+
+
+def fresh_user_states(
+    mllm: PreTrainedModel, processor: ProcessorMixin, n_users: int
+) -> tuple[torch.Tensor, list]:
+    """The taste-question state at ``E_SEM_LAYER`` of ``n_users`` fresh simulated users,
+    and each one's liked attributes."""
+    pool = render_set(16000, POOL_SEED, 32)
+    task = SimulatedUserVqa(pool, processor, None, n_samples=n_users, seed=USER_SEED, k=(8, 8))
+    reader = MllmPreferenceModel(mllm, processor, slot_positions=True, batch_size=256)
+    questions = [task.question(i) for i in range(n_users)]
+    states = [
+        reader.hidden_states(
+            [task.context(q) for q in questions[start : start + 2048]], question=TASTE_QUESTION
+        )[:, E_SEM_LAYER]
+        for start in range(0, n_users, 2048)
+    ]
+    return torch.cat(states), [sorted(q.user.liked) for q in questions]
+
+
+def linear_reader(
+    states: torch.Tensor, liked: list, steps: int = 1500
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A standardised linear read-out of the liked attributes (binary cross-entropy)."""
+    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    targets = torch.zeros(len(liked), len(ATTRIBUTE_IDS))
+    for row, attributes in enumerate(liked):
+        targets[row, [column[a] for a in attributes]] = 1.0
+    mean, std = states.mean(0), states.std(0) + 1e-6
+    linear = torch.nn.Linear(states.shape[1], len(ATTRIBUTE_IDS))
+    torch.nn.init.zeros_(linear.weight)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(0, len(liked), (min(4096, len(liked)),), generator=generator)
+        loss = F.binary_cross_entropy_with_logits(
+            linear((states[rows] - mean) / std), targets[rows]
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return lambda x: linear((x - mean) / std).detach()
+
+
+def report(name: str, scores: torch.Tensor, picks: torch.Tensor, liked: list) -> None:
+    """One printed row: the picks' liked precision and the scores' mean liked AUC."""
+    hits = [
+        len({ATTRIBUTE_IDS[i] for i in row} & set(truth)) / 4
+        for row, truth in zip(picks.tolist(), liked, strict=True)
+    ]
+    truth = np.array([[a in set(t) for a in ATTRIBUTE_IDS] for t in liked])
+    aucs = [
+        roc_auc_score(truth[:, j], scores[:, j].numpy())
+        for j in range(truth.shape[1])
+        if 0 < truth[:, j].sum() < len(truth)
+    ]
+    print(f"{name:40s} liked precision {np.mean(hits):.3f}  AUC {np.mean(aucs):.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=Path("data"))
+    parser.add_argument("--readers", default="700,2000,5000,20000")
+    parser.add_argument("--aligners", default="700,4200,20000")
+    args = parser.parse_args()
+    models = args.data / "06_models"
+    mllm = AutoModelForImageTextToText.from_pretrained(models / "tuned_mllm", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(models / "foundation/mllm_processor")
+    shipped = Aligners.from_pretrained(models / "aligners")["prefgen"].eval()
+    contexts = pd.read_parquet(args.data / "05_model_input/context_embeddings.parquet")
+    users = pd.read_parquet(args.data / "02_intermediate/users.parquet").set_index("user_id")
+    validation = contexts[contexts["split"] == "val"]
+    e_sem = torch.from_numpy(np.stack(validation["e_sem"].to_list())).float()
+    summary = torch.from_numpy(np.stack(validation["context_summary"].to_list())).float()
+    liked = [users.loc[user_id, "liked_attributes"] for user_id in validation["user_id"]]
+    print(f"{len(validation)} validation contexts of {validation['user_id'].nunique()} users")
+    with torch.no_grad():
+        scores = shipped(e_sem)
+    report("the run's aligner (its training users)", scores, shipped.picks(scores), liked)
+    ties = torch.rand(summary.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+    report("counting rule on the context", summary, shipped.picks(summary + ties), liked)
+
+    readers = [int(n) for n in args.readers.split(",")]
+    aligners = [int(n) for n in args.aligners.split(",")]
+    states, fresh_liked = fresh_user_states(mllm, processor, max(readers + aligners))
+    for n in readers:
+        scores = linear_reader(states[:n], fresh_liked[:n])(e_sem)
+        report(f"linear reader, {n} fresh users", scores, shipped.picks(scores), liked)
+    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    for n in aligners:
+        targets = {
+            "vocabulary": shipped.vocabulary,
+            "phrase_groups": shipped.phrase_groups.tolist(),
+            "phrase_ids": {f"fresh{i}": [column[a] for a in fresh_liked[i]] for i in range(n)},
+        }
+        with tempfile.TemporaryDirectory() as checkpoints:
+            params = AlignmentParams.model_validate(
+                {**ALIGNER_RECIPE, "checkpoint_root": checkpoints}
+            )
+            aligner, _ = train_aligner(
+                "prefgen",
+                ALIGNER_VARIANTS["prefgen"],
+                [f"fresh{i}" for i in range(n)],
+                [states[i : i + 1] for i in range(n)],
+                targets,
+                params,
+            )
+        with torch.no_grad():
+            scores = aligner.eval()(e_sem)
+        report(f"MMD aligner, {n} fresh users", scores, aligner.picks(scores), liked)
+
+
+if __name__ == "__main__":
+    main()
