@@ -83,6 +83,10 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path: Path) -> None:
             name="mlp",
             on_log=crash_at_step_6,
         )
+    (crashed_at_4,) = (tmp_path / "b").glob("mlp-*/checkpoint-4")
+    seconds_before_crash = json.loads((crashed_at_4 / "trainer_state.json").read_text())[
+        "trained_seconds"
+    ]
     fresh = make_model(seed=99)  # its own init is overwritten by the checkpoint
     resumed = train(
         fresh, make_dataset(), mse, config(), checkpoint_root=tmp_path / "b", name="mlp"
@@ -90,6 +94,8 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path: Path) -> None:
 
     assert resumed.resumed_from == 4
     assert resumed.steps == reference.steps == 12
+    # The 4 steps trained before the crash count with the 8 this call trained.
+    assert resumed.trained_seconds > seconds_before_crash > 0
     assert resumed.history == reference.history
     assert [entry["step"] for entry in resumed.history] == [2, 4, 6, 8, 10, 12]
     assert set(resumed.history[0]) == {"step", "loss", "mae", "lr", "samples_seen"}
@@ -123,6 +129,10 @@ def test_finished_run_started_again_trains_nothing_and_says_so(tmp_path: Path) -
     for got, want in zip(again_model.parameters(), first_model.parameters(), strict=True):
         assert torch.equal(got, want)
     assert (first.reused, again.reused) == (False, True)
+    # The reused run tells how long its steps took when they were trained.
+    assert first.trained_seconds > 0
+    assert again.trained_seconds == pytest.approx(first.trained_seconds, abs=1e-6)
+    assert again.summary()["trained_seconds"] == round(first.trained_seconds, 1)
     assert again.record() == {
         "run_dir": str(first.run_dir),
         "run_key": key.digest,

@@ -16,7 +16,9 @@ Public API:
   means of ``loss`` and every metric, plus ``step``, ``lr`` and ``samples_seen``), ``steps``,
   ``wall_seconds`` (of this call), ``resumed_from`` (the step of the checkpoint resumed, or
   ``None``), ``steps_trained`` (by this call), ``reused`` (a finished run: nothing trained),
-  ``run_dir``, and ``record()``: what a report says about the run.
+  ``trained_seconds`` (the loop's time over every call that trained the run, kept in its
+  checkpoints, so a reused run still tells how long it took; ``None`` for checkpoints written
+  before it was kept), ``run_dir``, and ``record()``: what a report says about the run.
 - ``NonFiniteLossError`` — raised, naming the step, when the loss becomes NaN or infinite.
 
 Checkpoints. A run lives in ``<checkpoint_root>/<name>-<hash[:10]>`` where the hash covers the
@@ -152,6 +154,7 @@ class TrainResult:
     resumed_from: int | None
     run_dir: Path
     key: RunKey | None = None
+    trained_seconds: float | None = None
 
     @property
     def steps_trained(self) -> int:
@@ -177,11 +180,14 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         """The run for a training report: its steps, ``record()``, the seconds this call
-        trained and the logged loss by step."""
+        took and those the run's steps took over every call, and the logged loss by step."""
         return {
             "steps": self.steps,
             "run": self.record(),
             "wall_seconds": round(self.wall_seconds, 1),
+            "trained_seconds": None
+            if self.trained_seconds is None
+            else round(self.trained_seconds, 1),
             "learning_curve": [
                 {"step": entry["step"], "loss": round(entry["loss"], 5)}
                 for entry in self.history
@@ -318,6 +324,7 @@ def launch_training(processes: int, arguments: dict[str, Any]) -> TrainResult:
         resumed_from=launched["resumed_from"],
         run_dir=loaded.run_dir,
         key=loaded.key,
+        trained_seconds=loaded.trained_seconds,
     )
 
 
@@ -421,14 +428,23 @@ def _train_here(
         frozen = _frozen_names(model, params)
         accelerator.register_save_state_pre_hook(functools.partial(_drop_frozen, frozen=frozen))
 
-        state = {"step": 0, "history": [], "window": {"count": 0, "sums": {}}}
+        state = {
+            "step": 0,
+            "history": [],
+            "window": {"count": 0, "sums": {}},
+            "trained_seconds": 0.0,
+        }
         resumed_from = None
         last_checkpoint = _latest_checkpoint(run_dir)
         if last_checkpoint is not None:
             # The frozen weights are not in it: the model brings them (the run key covers them).
             accelerator.load_state(str(last_checkpoint), strict=False)
             _check_holds_trained(last_checkpoint, model, frozen)
-            state = json.loads((last_checkpoint / TRAINER_STATE_FILE).read_text())
+            # A checkpoint written before the loop's time was kept: that time is unknown.
+            state = {
+                "trained_seconds": None,
+                **json.loads((last_checkpoint / TRAINER_STATE_FILE).read_text()),
+            }
             resumed_from = state["step"]
             if accelerator.is_main_process:
                 finished = resumed_from >= config.max_steps
@@ -470,6 +486,7 @@ def _train_here(
             resumed_from=resumed_from,
             run_dir=run_dir,
             key=key,
+            trained_seconds=state["trained_seconds"],
         )
     finally:
         # Removes DDP and the autocast wrapper that mixed precision patches onto ``forward``.
@@ -501,7 +518,8 @@ def _run_steps(
     on_log: LogFn | None,
     description: str,
 ) -> None:
-    """The loop proper: ``state`` (step, history, open log window) is updated in place."""
+    """The loop proper: ``state`` (step, history, open log window, the seconds its steps
+    took) is updated in place."""
     samples_per_step = (
         config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps
     )
@@ -513,6 +531,7 @@ def _run_steps(
         disable=not accelerator.is_main_process,
         dynamic_ncols=True,
     )
+    clock = time.perf_counter()
     try:
         while state["step"] < config.max_steps:
             step = state["step"] + 1
@@ -549,6 +568,10 @@ def _run_steps(
                 state["window"] = window = {"count": 0, "sums": {}}
                 if on_log is not None and accelerator.is_main_process:
                     entry.update(on_log(step, entry) or {})
+            if state["trained_seconds"] is not None:
+                now = time.perf_counter()
+                state["trained_seconds"] += now - clock
+                clock = now
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 last_checkpoint = _save_checkpoint(accelerator, run_dir, state, config)
     finally:

@@ -378,6 +378,8 @@ def test_pretrain_runs_the_stages_in_order_and_resumes_them(
     assert [stage["run"]["resumed_from"] for stage in report["learning_curve"]] == [None, None]
     assert [stage["run"]["resumed_from"] for stage in rerun["learning_curve"]] == [2, 3]
     assert all(stage["run"]["reused"] for stage in rerun["learning_curve"])
+    # Reused, the stages still tell how long their training took: the recipe's cost.
+    assert rerun["trained_seconds"] == report["trained_seconds"] is not None
     assert [stage["learning_curve"] for stage in rerun["learning_curve"]] == [
         stage["learning_curve"] for stage in report["learning_curve"]
     ]

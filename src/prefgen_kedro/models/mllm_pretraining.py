@@ -706,10 +706,13 @@ def pretrain(
         )
     model = model.half().float()
     taste_head.eval()  # and the model it holds
+    trained = [stage["trained_seconds"] for stage in stages]
     report = {
         "seed": params.stages[0].train.seed,
         "steps": sum(stage.train.max_steps for stage in params.stages),
         "wall_seconds": time.perf_counter() - started,
+        # The stages' training over every call, reused stages included: the recipe's cost.
+        "trained_seconds": None if None in trained else round(sum(trained), 1),
         "run": stages[-1]["run"],  # the stage whose weights ship
         "metrics": {
             "heldout_simulated_users": evaluate(model),

@@ -37,6 +37,7 @@ def test_foundation_runs_on_smoke_and_writes_a_true_manifest(smoke_foundation, s
         assert entry["parameters"] > 0
         assert entry["command"].startswith("kedro")
         assert entry["steps"] == steps
+        assert entry["trained_seconds"] is not None  # trained here, so its time is known
     # Nothing is pickled: weights are safetensors only.
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
 

@@ -139,7 +139,7 @@ def _report(result: TrainResult, seed: int, metrics: dict, started: float) -> di
         "seed": seed,
         **result.summary(),
         # Time of this call; a run resumed from a checkpoint (run.resumed_from) trained
-        # those steps in an earlier call.
+        # those steps in an earlier call (trained_seconds: the steps' time over all calls).
         "wall_seconds": time.perf_counter() - started,
         "metrics": metrics,
     }
@@ -362,6 +362,7 @@ def _manifest_entry(model: torch.nn.Module, report: dict, directory: str) -> dic
         metrics=report["metrics"],
         extra={
             "steps": report["steps"],
+            "trained_seconds": report["trained_seconds"],
             "run": report["run"],
             "learning_curve": report["learning_curve"],
         },
