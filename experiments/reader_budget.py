@@ -29,6 +29,7 @@ The run's own aligner and the counting rule on the same contexts are printed bes
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +57,6 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 POOL_SEED = 777  # a render pool of its own: not the MLLM's (606) nor the held-out one (404)
 USER_SEED = 5
-E_SEM_LAYER = 2  # the layer probing picks for e_sem on the shipped MLLM (layer_selection.json)
 # The shipped recipe (conf/base/parameters_alignment.yml) but for the batch and the steps.
 ALIGNER_RECIPE = {
     "checkpoint_root": "",
@@ -79,10 +79,10 @@ ALIGNER_RECIPE = {
 
 
 def fresh_user_states(
-    mllm: PreTrainedModel, processor: ProcessorMixin, n_users: int
+    mllm: PreTrainedModel, processor: ProcessorMixin, layers: list[int], n_users: int
 ) -> tuple[torch.Tensor, list]:
-    """The taste-question state at ``E_SEM_LAYER`` of ``n_users`` fresh simulated users,
-    and each one's liked attributes."""
+    """``e_sem`` as probing reads it (the taste-question state, averaged over ``layers``) of
+    ``n_users`` fresh simulated users, and each one's liked attributes."""
     pool = render_set(16000, POOL_SEED, 32)
     task = SimulatedUserVqa(pool, processor, None, n_samples=n_users, seed=USER_SEED, k=(8, 8))
     reader = MllmPreferenceModel(mllm, processor, slot_positions=True, batch_size=256)
@@ -90,7 +90,7 @@ def fresh_user_states(
     states = [
         reader.hidden_states(
             [task.context(q) for q in questions[start : start + 2048]], question=TASTE_QUESTION
-        )[:, E_SEM_LAYER]
+        )[:, layers].mean(dim=1)
         for start in range(0, n_users, 2048)
     ]
     return torch.cat(states), [sorted(q.user.liked) for q in questions]
@@ -160,7 +160,8 @@ def main() -> None:
 
     readers = [int(n) for n in args.readers.split(",")]
     aligners = [int(n) for n in args.aligners.split(",")]
-    states, fresh_liked = fresh_user_states(mllm, processor, max(readers + aligners))
+    layers = json.loads((args.data / "08_reporting/layer_selection.json").read_text())["e_sem"]
+    states, fresh_liked = fresh_user_states(mllm, processor, layers, max(readers + aligners))
     for n in readers:
         scores = linear_reader(states[:n], fresh_liked[:n])(e_sem)
         report(f"linear reader, {n} fresh users", scores, shipped.picks(scores), liked)
