@@ -47,9 +47,15 @@ from transformers import (
 )
 
 import prefgen_kedro.models.mllm  # noqa: F401  (registers the tiny MLLM with the Auto classes)
-from prefgen_kedro.models.alignment import ALIGNER_VARIANTS, Aligners, train_aligner
+from prefgen_kedro.models.alignment import (
+    ALIGNER_VARIANTS,
+    Aligners,
+    AlignmentMlp,
+    train_aligner,
+)
 from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.mllm_pretraining import SimulatedUserVqa
+from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS
 from prefgen_kedro.models.vqa import TASTE_QUESTION
 from prefgen_kedro.params import AlignmentParams
 from prefgen_kedro.world.agent_world import render_set
@@ -57,25 +63,34 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 POOL_SEED = 777  # a render pool of its own: not the MLLM's (606) nor the held-out one (404)
 USER_SEED = 5
-# The shipped recipe (conf/base/parameters_alignment.yml) but for the batch and the steps.
-ALIGNER_RECIPE = {
-    "checkpoint_root": "",
-    "hidden_dim": 256,
-    "dropout": 0.5,
-    "tokens": 4,
-    "bandwidth_factors": [0.25, 0.5, 1.0, 2.0, 4.0],
-    "retrieval_k": 5,
-    "train": {
-        "max_steps": 3000,
-        "batch_size": 192,
-        "learning_rate": 1.0e-3,
-        "weight_decay": 1.0e-2,
-        "warmup_steps": 30,
-        "checkpoint_every": 3000,
-        "log_every": 500,
-        "seed": 51,
-    },
+# The shipped optimiser (conf/base/parameters_alignment.yml) with 192 contexts a step and
+# 3,000 steps, as a fresh user brings one context where a training user brings 6.
+ALIGNER_TRAIN = {
+    "max_steps": 3000,
+    "batch_size": 192,
+    "learning_rate": 1.0e-3,
+    "weight_decay": 1.0e-2,
+    "warmup_steps": 30,
+    "checkpoint_every": 3000,
+    "log_every": 500,
+    "seed": 51,
 }
+
+
+def aligner_recipe(shipped: AlignmentMlp, checkpoint_root: str) -> AlignmentParams:
+    """The run's aligner's shape (width, dropout, tokens, as ``Aligners.of`` reads it) and
+    the default kernel, trained with ``ALIGNER_TRAIN``."""
+    return AlignmentParams.model_validate(
+        {
+            "checkpoint_root": checkpoint_root,
+            "hidden_dim": shipped.net[1].out_features,
+            "dropout": shipped.net[0].p,
+            "tokens": shipped.tokens,
+            "bandwidth_factors": list(DEFAULT_BANDWIDTH_FACTORS),
+            "retrieval_k": 5,
+            "train": ALIGNER_TRAIN,
+        }
+    )
 
 
 def fresh_user_states(
@@ -145,7 +160,13 @@ def main() -> None:
     mllm = AutoModelForImageTextToText.from_pretrained(models / "tuned_mllm", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(models / "foundation/mllm_processor")
     shipped = Aligners.from_pretrained(models / "aligners")["prefgen"].eval()
-    contexts = pd.read_parquet(args.data / "05_model_input/context_embeddings.parquet")
+    contexts_file = args.data / "05_model_input/context_embeddings.parquet"
+    contexts = pd.read_parquet(contexts_file)
+    if "context_summary" not in contexts:
+        raise SystemExit(
+            f"{contexts_file} has no context_summary column: this script needs an agent-world "
+            "run, whose users' tastes are known"
+        )
     users = pd.read_parquet(args.data / "02_intermediate/users.parquet").set_index("user_id")
     validation = contexts[contexts["split"] == "val"]
     e_sem = torch.from_numpy(np.stack(validation["e_sem"].to_list())).float()
@@ -173,9 +194,7 @@ def main() -> None:
             "phrase_ids": {f"fresh{i}": [column[a] for a in fresh_liked[i]] for i in range(n)},
         }
         with tempfile.TemporaryDirectory() as checkpoints:
-            params = AlignmentParams.model_validate(
-                {**ALIGNER_RECIPE, "checkpoint_root": checkpoints}
-            )
+            params = aligner_recipe(shipped, checkpoints)
             aligner, _ = train_aligner(
                 "prefgen",
                 ALIGNER_VARIANTS["prefgen"],
