@@ -18,7 +18,10 @@ aligner is:
 Each row gives, for the validation users' contexts:
 - the liked precision of the 4 picks (one phrase per category, the aligner's rule), which
   sets the like-rate once the picks are said in the prompt;
-- the mean ROC AUC of the read-out's liked scores.
+- the mean ROC AUC of the read-out's liked scores;
+- the taste audit of the picks as ``e_sem_hat`` carries them (the 4 picked phrases' states):
+  the benchmark's linear probe (``probes.taste_audit``), fitted on the picks of the training
+  users' contexts, scored on the validation users' liked attributes.
 
 The run's own aligner and the counting rule on the same contexts are printed beside them.
 
@@ -56,11 +59,13 @@ from prefgen_kedro.models.alignment import (
 from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.mllm_pretraining import SimulatedUserVqa
 from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS
+from prefgen_kedro.models.probes import fit_linear_probe, mean_auc
 from prefgen_kedro.models.vqa import TASTE_QUESTION
 from prefgen_kedro.params import AlignmentParams
 from prefgen_kedro.world.agent_world import render_set
 from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
+AUDIT_SEED = 2026  # the benchmark's (``evaluation.seed``), as its taste audit fits its probe
 POOL_SEED = 777  # a render pool of its own: not the MLLM's (606) nor the held-out one (404)
 USER_SEED = 5
 # The shipped optimiser (conf/base/parameters_alignment.yml) with 192 contexts a step and
@@ -135,19 +140,64 @@ def linear_reader(
     return lambda x: linear((x - mean) / std).detach()
 
 
-def report(name: str, scores: torch.Tensor, picks: torch.Tensor, liked: list) -> None:
-    """One printed row: the picks' liked precision and the scores' mean liked AUC."""
-    hits = [
-        len({ATTRIBUTE_IDS[i] for i in row} & set(truth)) / 4
-        for row, truth in zip(picks.tolist(), liked, strict=True)
-    ]
-    truth = np.array([[a in set(t) for a in ATTRIBUTE_IDS] for t in liked])
-    aucs = [
-        roc_auc_score(truth[:, j], scores[:, j].numpy())
-        for j in range(truth.shape[1])
-        if 0 < truth[:, j].sum() < len(truth)
-    ]
-    print(f"{name:40s} liked precision {np.mean(hits):.3f}  AUC {np.mean(aucs):.3f}", flush=True)
+def liked_matrix(liked: list) -> torch.Tensor:
+    """Each row's liked attributes as a 0/1 row over ``ATTRIBUTE_IDS``."""
+    return torch.tensor([[float(a in set(t)) for a in ATTRIBUTE_IDS] for t in liked])
+
+
+class Scorer:
+    """Scores readers on the validation contexts; the taste audit of their picks is fitted
+    on the training contexts' picks, as the benchmark fits it on the training users'."""
+
+    def __init__(
+        self,
+        validation: torch.Tensor,
+        validation_liked: list,
+        training: torch.Tensor,
+        training_liked: list,
+        vocabulary: torch.Tensor,
+    ) -> None:
+        self.validation, self.training = validation, training
+        self.liked, self.truth = validation_liked, liked_matrix(validation_liked)
+        self.training_truth = liked_matrix(training_liked)
+        self.vocabulary = vocabulary
+
+    def picks_audit(self, training_picks: torch.Tensor, validation_picks: torch.Tensor) -> float:
+        """Mean liked AUC of the benchmark's linear probe on the picks' phrase states."""
+        probe = fit_linear_probe(
+            self.vocabulary[training_picks].flatten(1),
+            self.training_truth,
+            len(ATTRIBUTE_IDS),
+            seed=AUDIT_SEED,
+        )
+        return mean_auc(probe.logits(self.vocabulary[validation_picks].flatten(1)), self.truth)
+
+    def report(
+        self,
+        name: str,
+        read: Callable[[torch.Tensor], torch.Tensor],
+        pick: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        """One printed row for a reader (features → liked scores) and its picking rule."""
+        with torch.no_grad():
+            scores = read(self.validation)
+            picks, training_picks = pick(scores), pick(read(self.training))
+        audit = self.picks_audit(training_picks, picks)  # fits a probe: outside no_grad
+        hits = [
+            len({ATTRIBUTE_IDS[i] for i in row} & set(truth)) / len(row)
+            for row, truth in zip(picks.tolist(), self.liked, strict=True)
+        ]
+        truth = self.truth.numpy()
+        aucs = [
+            roc_auc_score(truth[:, j], scores[:, j].numpy())
+            for j in range(truth.shape[1])
+            if 0 < truth[:, j].sum() < len(truth)
+        ]
+        print(
+            f"{name:40s} liked precision {np.mean(hits):.3f}  AUC {np.mean(aucs):.3f}  "
+            f"picks' audit AUC {audit:.3f}",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -168,24 +218,37 @@ def main() -> None:
             "run, whose users' tastes are known"
         )
     users = pd.read_parquet(args.data / "02_intermediate/users.parquet").set_index("user_id")
-    validation = contexts[contexts["split"] == "val"]
-    e_sem = torch.from_numpy(np.stack(validation["e_sem"].to_list())).float()
-    summary = torch.from_numpy(np.stack(validation["context_summary"].to_list())).float()
-    liked = [users.loc[user_id, "liked_attributes"] for user_id in validation["user_id"]]
-    print(f"{len(validation)} validation contexts of {validation['user_id'].nunique()} users")
-    with torch.no_grad():
-        scores = shipped(e_sem)
-    report("the run's aligner (its training users)", scores, shipped.picks(scores), liked)
-    ties = torch.rand(summary.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
-    report("counting rule on the context", summary, shipped.picks(summary + ties), liked)
+
+    def split(name: str) -> tuple[torch.Tensor, torch.Tensor, list]:
+        rows = contexts[contexts["split"] == name]
+        return (
+            torch.from_numpy(np.stack(rows["e_sem"].to_list())).float(),
+            torch.from_numpy(np.stack(rows["context_summary"].to_list())).float(),
+            [users.loc[user_id, "liked_attributes"] for user_id in rows["user_id"]],
+        )
+
+    e_sem, summary, liked = split("val")
+    training_e_sem, training_summary, training_liked = split("train")
+    print(f"{len(e_sem)} validation contexts, {len(training_e_sem)} training contexts")
+    on_e_sem = Scorer(e_sem, liked, training_e_sem, training_liked, shipped.vocabulary)
+    on_summary = Scorer(summary, liked, training_summary, training_liked, shipped.vocabulary)
+    on_e_sem.report("the run's aligner (its training users)", shipped, shipped.picks)
+    # tiny noise breaks the counting rule's ties between equal counts
+    on_summary.report(
+        "counting rule on the context",
+        lambda x: x,
+        lambda x: shipped.picks(
+            x + torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+        ),
+    )
 
     readers = [int(n) for n in args.readers.split(",")]
     aligners = [int(n) for n in args.aligners.split(",")]
     layers = json.loads((args.data / "08_reporting/layer_selection.json").read_text())["e_sem"]
     states, fresh_liked = fresh_user_states(mllm, processor, layers, max(readers + aligners))
     for n in readers:
-        scores = linear_reader(states[:n], fresh_liked[:n])(e_sem)
-        report(f"linear reader, {n} fresh users", scores, shipped.picks(scores), liked)
+        reader = linear_reader(states[:n], fresh_liked[:n])
+        on_e_sem.report(f"linear reader, {n} fresh users", reader, shipped.picks)
     column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
     for n in aligners:
         targets = {
@@ -203,9 +266,7 @@ def main() -> None:
                 targets,
                 params,
             )
-        with torch.no_grad():
-            scores = aligner.eval()(e_sem)
-        report(f"MMD aligner, {n} fresh users", scores, aligner.picks(scores), liked)
+        on_e_sem.report(f"MMD aligner, {n} fresh users", aligner.eval(), aligner.picks)
 
 
 if __name__ == "__main__":

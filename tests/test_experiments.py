@@ -135,3 +135,34 @@ def test_real_structure_copies_keep_labels_true():
             side = liked[row] if label[row, q] else disliked[row]
             assert any((image == copied[row, q]).all() for image in side)
     assert (structure.copy_queries(rng, liked, disliked, query, label, 0.0) == query).all()
+
+
+def test_reader_budget_audits_picks_as_the_benchmark_does(capsys):
+    import torch
+
+    from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
+
+    budget = _import("reader_budget")
+    rng = np.random.default_rng(0)
+
+    def users(n):
+        return [list(rng.choice(ATTRIBUTE_IDS, 4, replace=False)) for _ in range(n)]
+
+    training, validation = users(300), users(120)
+    scorer = budget.Scorer(
+        budget.liked_matrix(validation),
+        validation,
+        budget.liked_matrix(training),
+        training,
+        torch.randn(len(ATTRIBUTE_IDS), 16, generator=torch.Generator().manual_seed(0)),
+    )
+
+    def top4(scores):
+        return scores.topk(4).indices
+
+    scorer.report("perfect reader", lambda x: x, top4)
+    scorer.report("blind reader", lambda x: torch.rand(x.shape), top4)
+    perfect, blind = capsys.readouterr().out.splitlines()
+    assert "liked precision 1.000  AUC 1.000" in perfect
+    assert float(perfect.split()[-1]) > 0.85  # the 4 true phrases' states name the taste
+    assert float(blind.split()[-1]) < 0.6
