@@ -166,7 +166,9 @@ def benchmark_report(
             "rule scores attributes by their count in the liked minus the disliked context "
             "(the ground truth the context shows: the ceiling). `mean_clip` and `e_img` are "
             "CLIP image embeddings; `e_core`, `e_sem_hat` (MMD) and `e_sem_hat_no_mmd` (MSE) "
-            "come from the MLLM's hidden states."
+            "come from the MLLM's hidden states. `counting_rule_picks` are the counting "
+            "rule's own picks as the aligners' phrase states: the most that as many said "
+            "phrases carry for this probe."
         )
         report.table(
             pd.DataFrame(

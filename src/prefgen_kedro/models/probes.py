@@ -150,7 +150,7 @@ def select_layers(
 
 
 # What the taste audit probes, where a run has it: CLIP image embeddings, the MLLM's states,
-# every aligner's part, and the perfect ê_sem.
+# every aligner's part, the counting rule's own picks as phrases, and the perfect ê_sem.
 AUDITED_PARTS = (
     "mean_clip",
     "e_img",
@@ -159,6 +159,7 @@ AUDITED_PARTS = (
     "e_sem_hat",
     "e_sem_hat_no_mmd",
     "oracle_state_hat",
+    "counting_rule_picks",
     "true_sem",
 )
 

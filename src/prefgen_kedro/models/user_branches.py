@@ -70,6 +70,10 @@ from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS, said_caption
 # (the alignment targets themselves). A diagnostic upper bound for PrefGen's delivery,
 # agent world only, never a method.
 TRUE_SEM = "true_sem"
+# The counting rule's own picks from each context, as the aligners' phrase states: the most
+# that said phrases can carry of a context's taste. A diagnostic for the taste audit, agent
+# world only, never a method.
+COUNTING_RULE_PICKS = "counting_rule_picks"
 # Pictures the conditioning CLIP encodes at once for the users' conditions.
 CONDITION_BATCH = 256
 PARTS = (
@@ -96,7 +100,7 @@ def user_conditions(
     """Every part of every user's condition, for each of its contexts (context 0 is the
     canonical one the evaluation uses): each aligner's part (``e_sem_hat``, ...), ``e_img``
     and ``mean_clip``, next to the contexts' ``e_sem`` and ``e_core``; in the agent world
-    also ``true_sem``."""
+    also ``true_sem`` and, with the ``oracle_state`` aligner, ``counting_rule_picks``."""
     wanted = {part for parts in params.active_variants.values() for part in parts}
     unknown = wanted - set(PARTS)
     if unknown:
@@ -162,6 +166,15 @@ def user_conditions(
     if TRUE_SEM in said:
         liked_of = users.set_index("user_id")["liked_attributes"].map(list)
         conditions[said_column(TRUE_SEM)] = liked_of[conditions["user_id"]].to_list()
+    if "oracle_state" in aligners.mlps:
+        # the oracle_state aligner reads the same summaries: its picking rule and phrases
+        reference = aligners.mlps["oracle_state"]
+        summaries = torch.from_numpy(np.stack(merged["context_summary"].to_list())).float()
+        picks = reference.picks(summaries)  # ties: the first attribute of equal count
+        conditions[COUNTING_RULE_PICKS] = list(reference.vocabulary[picks].flatten(1).numpy())
+        conditions[said_column(COUNTING_RULE_PICKS)] = [
+            [ATTRIBUTE_IDS[i] for i in row] for row in picks.tolist()
+        ]
     return conditions
 
 

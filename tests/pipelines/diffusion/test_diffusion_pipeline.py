@@ -18,6 +18,7 @@ from prefgen_kedro.models.diffusion import build_unet
 from prefgen_kedro.models.user_adapter import UserBranches
 from prefgen_kedro.params import DiffusionParams
 from prefgen_kedro.pipelines.diffusion.nodes import make_user_conditions, train_user_branches
+from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
 
 def test_diffusion_runs_on_smoke(smoke_diffused):
@@ -34,6 +35,7 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
         "e_img",
         "mean_clip",
         "true_sem",
+        "counting_rule_picks",
     }
     assert parts <= set(conditions)
     # a perfect ê_sem: one text-space state per liked attribute, as many as ê_sem's tokens
@@ -50,6 +52,19 @@ def test_diffusion_runs_on_smoke(smoke_diffused):
     liked_of = users.set_index("user_id")["liked_attributes"].map(list)
     for user_id, said in zip(conditions["user_id"], conditions["true_sem_attributes"], strict=True):
         assert list(said) == liked_of[user_id]
+    # the counting rule's picks: the best-counted attribute of each of the best categories
+    column = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    for summary, picked in zip(
+        conditions["context_summary"], conditions["counting_rule_picks_attributes"], strict=True
+    ):
+        best = {}
+        for attribute_id, count in zip(ATTRIBUTE_IDS, summary, strict=True):
+            category = attribute_id.split(":")[0]
+            best[category] = max(best.get(category, -np.inf), count)
+        assert len(picked) == len(liked)
+        assert all(summary[column[a]] == best[a.split(":")[0]] for a in picked)
+        unpicked = set(best) - {a.split(":")[0] for a in picked}
+        assert min(best[a.split(":")[0]] for a in picked) >= max(best[c] for c in unpicked)
 
     branches = UserBranches.from_pretrained(data / "06_models" / "user_branches")
     branched = {

@@ -73,6 +73,7 @@ def test_the_taste_audit_covers_every_condition_part(smoke_evaluated):
         "e_sem_hat",
         "e_sem_hat_no_mmd",
         "oracle_state_hat",
+        "counting_rule_picks",
         "true_sem",
     }
     assert all(0.0 <= auc <= 1.0 for auc in audit["auc"].values())
