@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -142,7 +141,8 @@ def linear_reader(
 
 def liked_matrix(liked: list) -> torch.Tensor:
     """Each row's liked attributes as a 0/1 row over ``ATTRIBUTE_IDS``."""
-    return torch.tensor([[float(a in set(t)) for a in ATTRIBUTE_IDS] for t in liked])
+    rows = [set(attributes) for attributes in liked]
+    return torch.tensor([[float(a in row) for a in ATTRIBUTE_IDS] for row in rows])
 
 
 class Scorer:
@@ -187,14 +187,9 @@ class Scorer:
             len({ATTRIBUTE_IDS[i] for i in row} & set(truth)) / len(row)
             for row, truth in zip(picks.tolist(), self.liked, strict=True)
         ]
-        truth = self.truth.numpy()
-        aucs = [
-            roc_auc_score(truth[:, j], scores[:, j].numpy())
-            for j in range(truth.shape[1])
-            if 0 < truth[:, j].sum() < len(truth)
-        ]
         print(
-            f"{name:40s} liked precision {np.mean(hits):.3f}  AUC {np.mean(aucs):.3f}  "
+            f"{name:40s} liked precision {np.mean(hits):.3f}  "
+            f"AUC {mean_auc(scores, self.truth):.3f}  "
             f"picks' audit AUC {audit:.3f}",
             flush=True,
         )
