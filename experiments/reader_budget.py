@@ -58,7 +58,7 @@ from prefgen_kedro.models.alignment import (
 from prefgen_kedro.models.mllm import MllmPreferenceModel
 from prefgen_kedro.models.mllm_pretraining import SimulatedUserVqa
 from prefgen_kedro.models.mmd import DEFAULT_BANDWIDTH_FACTORS
-from prefgen_kedro.models.probes import fit_linear_probe, mean_auc
+from prefgen_kedro.models.probes import audit_auc, liked_targets, mean_auc
 from prefgen_kedro.models.vqa import TASTE_QUESTION
 from prefgen_kedro.params import AlignmentParams
 from prefgen_kedro.world.agent_world import render_set
@@ -139,12 +139,6 @@ def linear_reader(
     return lambda x: linear((x - mean) / std).detach()
 
 
-def liked_matrix(liked: list) -> torch.Tensor:
-    """Each row's liked attributes as a 0/1 row over ``ATTRIBUTE_IDS``."""
-    rows = [set(attributes) for attributes in liked]
-    return torch.tensor([[float(a in row) for a in ATTRIBUTE_IDS] for row in rows])
-
-
 class Scorer:
     """Scores readers on the validation contexts; the taste audit of their picks is fitted
     on the training contexts' picks, as the benchmark fits it on the training users'."""
@@ -158,19 +152,19 @@ class Scorer:
         vocabulary: torch.Tensor,
     ) -> None:
         self.validation, self.training = validation, training
-        self.liked, self.truth = validation_liked, liked_matrix(validation_liked)
-        self.training_truth = liked_matrix(training_liked)
+        self.liked, self.truth = validation_liked, liked_targets(validation_liked)
+        self.training_truth = liked_targets(training_liked)
         self.vocabulary = vocabulary
 
     def picks_audit(self, training_picks: torch.Tensor, validation_picks: torch.Tensor) -> float:
         """Mean liked AUC of the benchmark's linear probe on the picks' phrase states."""
-        probe = fit_linear_probe(
+        return audit_auc(
             self.vocabulary[training_picks].flatten(1),
             self.training_truth,
-            len(ATTRIBUTE_IDS),
+            self.vocabulary[validation_picks].flatten(1),
+            self.truth,
             seed=AUDIT_SEED,
         )
-        return mean_auc(probe.logits(self.vocabulary[validation_picks].flatten(1)), self.truth)
 
     def report(
         self,

@@ -140,6 +140,7 @@ def test_real_structure_copies_keep_labels_true():
 def test_reader_budget_audits_picks_as_the_benchmark_does(capsys):
     import torch
 
+    from prefgen_kedro.models.probes import liked_targets
     from prefgen_kedro.world.vocabulary import ATTRIBUTE_IDS
 
     budget = _import("reader_budget")
@@ -150,9 +151,9 @@ def test_reader_budget_audits_picks_as_the_benchmark_does(capsys):
 
     training, validation = users(300), users(120)
     scorer = budget.Scorer(
-        budget.liked_matrix(validation),
+        liked_targets(validation),
         validation,
-        budget.liked_matrix(training),
+        liked_targets(training),
         training,
         torch.randn(len(ATTRIBUTE_IDS), 16, generator=torch.Generator().manual_seed(0)),
     )

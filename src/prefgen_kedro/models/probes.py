@@ -10,7 +10,7 @@ chosen layers into every context's and user's embeddings.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,15 +175,11 @@ def taste_audit(
     no known attributes): elsewhere an empty audit."""
     if not tastes_are_known(users):
         return {}
-    columns = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
     liked = users.set_index("user_id")["liked_attributes"]
     shown = images.set_index("image_id")["attributes"]
 
     def taste(rows: pd.DataFrame) -> torch.Tensor:
-        targets = torch.zeros(len(rows), len(columns))
-        for r, user_id in enumerate(rows["user_id"]):
-            targets[r, [columns[a] for a in liked[user_id]]] = 1.0
-        return targets
+        return liked_targets(liked[rows["user_id"]])
 
     train = user_conditions[user_conditions["split"] == "train"]
     test = user_conditions[user_conditions["split"] == split]
@@ -200,15 +196,38 @@ def taste_audit(
         "auc": {"counting_rule": mean_auc(torch.from_numpy(counting_rule), taste(test))},
     }
     for part in (part for part in AUDITED_PARTS if part in user_conditions):
-        probe = fit_linear_probe(
+        audit["auc"][part] = audit_auc(
             torch.from_numpy(np.stack(train[part].to_list())).float(),
             taste(train),
-            len(columns),
+            torch.from_numpy(np.stack(test[part].to_list())).float(),
+            taste(test),
             seed=seed,
         )
-        scores = probe.logits(torch.from_numpy(np.stack(test[part].to_list())).float())
-        audit["auc"][part] = mean_auc(scores, taste(test))
     return audit
+
+
+def liked_targets(liked: Iterable[Iterable[str]]) -> torch.Tensor:
+    """Each row's liked attributes as a 0/1 row over ``ATTRIBUTE_IDS``."""
+    columns = {a: i for i, a in enumerate(ATTRIBUTE_IDS)}
+    rows = [list(attributes) for attributes in liked]
+    targets = torch.zeros(len(rows), len(columns))
+    for r, attributes in enumerate(rows):
+        targets[r, [columns[a] for a in attributes]] = 1.0
+    return targets
+
+
+def audit_auc(
+    train_features: torch.Tensor,
+    train_taste: torch.Tensor,
+    test_features: torch.Tensor,
+    test_taste: torch.Tensor,
+    *,
+    seed: int,
+) -> float:
+    """The taste audit of one source: a multi-label linear probe fitted on the training
+    rows' liked attributes, its mean ROC AUC on the test rows'."""
+    probe = fit_linear_probe(train_features, train_taste, train_taste.shape[1], seed=seed)
+    return mean_auc(probe.logits(test_features), test_taste)
 
 
 def probe_layers(
